@@ -1,0 +1,112 @@
+"""The functional core: dot-product and neural attention with the signature of F.scaled_dot_product_attention.
+
+Shapes: q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev); batch dimensions broadcast.
+Masks follow SDPA: a boolean attn_mask is True where a query may attend, a float mask is added to the logits,
+and either broadcasts to (..., L, S). is_causal keeps key j <= query i (top-left aligned, as SDPA); it may be
+combined with attn_mask, and then a key must pass both.
+A query row with no key it may attend to gets zero attention weights and so a zero output (SDPA's math path
+would give NaN there).
+"""
+import math
+
+import torch
+
+from .masks import attention_bias, masked_softmax
+from .scores import NeuralScore
+
+BACKENDS = ("auto", "reference")
+
+
+def _check_inputs(q, k, v, attn_mask):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., seq, features) with at least 2 dims, got {tuple(t.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share the feature size E: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must share the key length S: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"batch dims of q, k, v do not broadcast: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}") from None
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True = may attend) or floating (added to logits), "
+                        f"got {attn_mask.dtype}")
+    target = (*batch, q.shape[-2], k.shape[-2])
+    try:
+        ok = torch.broadcast_shapes(attn_mask.shape, target) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., L, S) = {target}")
+
+
+def _weights(logits, attn_mask, is_causal):
+    bias = attention_bias(attn_mask, is_causal, logits.shape[-2], logits.shape[-1], logits.dtype, logits.device)
+    return masked_softmax(logits if bias is None else logits + bias)  # (..., L, S)
+
+
+def dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    """softmax(q k^T * scale + mask) v, scale = 1/sqrt(E) by default (Vaswani et al. 2017, Eq. 1).
+
+    q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev). Written out as the readable reference that
+    F.scaled_dot_product_attention computes fast.
+    """
+    _check_inputs(q, k, v, attn_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = (q @ k.transpose(-2, -1)) * scale  # (..., L, S)
+    return _weights(logits, attn_mask, is_causal) @ v  # (..., L, Ev)
+
+
+def _check_score(score, q):
+    if not isinstance(score, NeuralScore):
+        raise TypeError(f"score must be a minina.NeuralScore, got {type(score).__name__}")
+    if score.head_dim != q.shape[-1]:
+        raise ValueError(f"score was built for head_dim {score.head_dim} but q has shape {tuple(q.shape)}")
+
+
+def reference_neural_attention(q, k, v, score, attn_mask=None, is_causal=False):
+    """The paper's way: build all L*S pair scores (memory O(L*S*P)), softmax over keys, times v."""
+    return _weights(score.logits(q, k), attn_mask, is_causal) @ v  # (..., L, Ev)
+
+
+_IMPLEMENTATIONS = {"reference": reference_neural_attention}
+
+
+def resolve_backend(backend, q):
+    """The concrete backend name that `backend` means for tensors like q ("auto" picks the best available)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "reference"
+    return backend
+
+
+def neural_attention(q, k, v, score, attn_mask=None, is_causal=False, backend="auto"):
+    """softmax(s(q_i, k_j) + mask) v with s a NeuralScore (DiGiugno & Mahmood 2025, Eq. 3-5).
+
+    q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev); the same masks as dot_product_attention.
+    backend: "reference" materializes the (..., L, S, 2P) pair tensor as the paper does; "auto" picks the
+    best backend available for q's device.
+    """
+    _check_inputs(q, k, v, attn_mask)
+    _check_score(score, q)
+    implementation = _IMPLEMENTATIONS[resolve_backend(backend, q)]
+    return implementation(q, k, v, score, attn_mask, is_causal)
+
+
+def attention_weights(q, k, score=None, attn_mask=None, is_causal=False, scale=None):
+    """The (..., L, S) attention matrix: dot-product when score is None, else neural with that NeuralScore."""
+    _check_inputs(q, k, k, attn_mask)
+    if score is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return _weights((q @ k.transpose(-2, -1)) * scale, attn_mask, is_causal)
+    _check_score(score, q)
+    return _weights(score.logits(q, k), attn_mask, is_causal)

@@ -1,0 +1,130 @@
+"""The two models of the paper's experiments: a GPT-style language model and a Vision Transformer.
+
+`attention` chooses the kind per block: "dot", "neural", "hybrid" (neural in the first block only, the paper's
+setting) or a list with one kind per block.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .modules import KINDS, Block
+
+
+def block_kinds(attention, depth):
+    """The attention kind of each of `depth` blocks."""
+    if isinstance(attention, str):
+        if attention == "hybrid":
+            return ["neural"] + ["dot"] * (depth - 1)
+        if attention in KINDS:
+            return [attention] * depth
+        raise ValueError(f"attention must be one of {KINDS + ('hybrid',)} or a list of kinds, got {attention!r}")
+    kinds = list(attention)
+    if len(kinds) != depth or any(kind not in KINDS for kind in kinds):
+        raise ValueError(f"attention as a list needs {depth} entries from {KINDS}, got {kinds!r}")
+    return kinds
+
+
+def _init_weights(module):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _init_transformer(model):
+    """GPT-2 init (N(0, 0.02)) for the Transformer's layers; each NeuralScore keeps its own (PyTorch default) init,
+    as the paper's code does."""
+    for name, module in model.named_modules():
+        if ".score" not in name and not name.endswith("score"):
+            _init_weights(module)
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only causal language model: tokens (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, vocab_size, dim, depth, heads, max_seq_len, attention="dot", mlp_ratio=4, dropout=0.0,
+                 **attention_options):
+        super().__init__()
+        self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
+        self.kinds = block_kinds(attention, depth)
+        self.token_emb = nn.Embedding(vocab_size, dim)
+        self.pos_emb = nn.Embedding(max_seq_len, dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(dim, heads, kind, causal=True, mlp_ratio=mlp_ratio, dropout=dropout,
+                                          **attention_options) for kind in self.kinds)
+        self.ln_out = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        _init_transformer(self)
+        self.head.weight = self.token_emb.weight  # weight tying (Press & Wolf 2017), as in GPT-2
+
+    def forward(self, idx):
+        """idx (B, T) of token ids, T <= max_seq_len -> logits (B, T, vocab_size)."""
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
+            raise ValueError(f"idx must be an integer tensor of shape (B, T), got "
+                             f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
+        T = idx.shape[1]
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.max_seq_len} (idx {tuple(idx.shape)})")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.token_emb(idx) + self.pos_emb(pos))  # (B, T, dim)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_out(x))  # (B, T, vocab_size)
+
+    def loss(self, idx, targets):
+        """Mean next-token cross-entropy of idx (B, T) against targets (B, T)."""
+        logits = self(idx)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens tokens after idx (B, T); returns (B, T + max_new_tokens)."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.max_seq_len:])[:, -1, :] / temperature  # (B, vocab)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_token = torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)  # (B, 1)
+            idx = torch.cat([idx, next_token], dim=1)
+        return idx
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Dosovitskiy et al. 2021): patches + class token -> blocks -> class logits; (B, C, H, W) -> (B, classes)."""
+
+    def __init__(self, image_size, patch_size, num_classes, dim, depth, heads, channels=3, attention="dot",
+                 mlp_ratio=4, dropout=0.0, **attention_options):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+        self.image_size, self.channels = image_size, channels
+        self.kinds = block_kinds(attention, depth)
+        num_patches = (image_size // patch_size) ** 2
+        self.patch_emb = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_emb = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(dim, heads, kind, mlp_ratio=mlp_ratio, dropout=dropout,
+                                          **attention_options) for kind in self.kinds)
+        self.ln_out = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        _init_transformer(self)
+
+    def tokens(self, images):
+        """The (B, 1 + patches, dim) token sequence entering the first block."""
+        expected = (self.channels, self.image_size, self.image_size)
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got "
+                             f"{tuple(getattr(images, 'shape', ()))}")
+        x = self.patch_emb(images).flatten(2).transpose(1, 2)  # (B, patches, dim)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, dim)
+        return self.drop(torch.cat([cls, x], dim=1) + self.pos_emb)  # (B, 1 + patches, dim)
+
+    def forward(self, images):
+        """images (B, channels, image_size, image_size) -> logits (B, num_classes)."""
+        x = self.tokens(images)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_out(x[:, 0]))  # (B, num_classes)

@@ -1,0 +1,92 @@
+"""Multi-head attention with a replaceable score (dot or neural) and the pre-LayerNorm Transformer block."""
+import torch
+import torch.nn as nn
+
+from .attention import BACKENDS, attention_weights, dot_product_attention, neural_attention
+from .scores import NeuralScore
+
+KINDS = ("dot", "neural")
+
+
+class MultiHeadAttention(nn.Module):
+    """Heads of dot-product or neural attention over x (self) or context (cross); forward (B, L, dim) -> (B, L, dim).
+
+    For kind="neural" one NeuralScore(dim_head, proj_dim, **score_options) is shared by all heads, as in the
+    paper. dropout acts on the output projection (attention weights are never materialized by the fast paths).
+    """
+
+    def __init__(self, dim, heads, kind="dot", causal=False, dim_head=None, proj_dim=None, dropout=0.0,
+                 backend="auto", score_options=None):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if dim_head is None:
+            if dim % heads:
+                raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) when dim_head is not given")
+            dim_head = dim // heads
+        self.dim, self.heads, self.dim_head, self.kind = dim, heads, dim_head, kind
+        self.causal, self.backend = causal, backend
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+        self.dropout = nn.Dropout(dropout)
+        if kind == "neural":
+            self.score = NeuralScore(dim_head, proj_dim, **(score_options or {}))
+        elif proj_dim is not None or score_options:
+            raise ValueError("proj_dim and score_options apply to kind='neural' only")
+
+    def extra_repr(self):
+        return f"kind={self.kind!r}, heads={self.heads}, dim_head={self.dim_head}, causal={self.causal}"
+
+    def _heads(self, x, context):
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, L, {self.dim}), got {tuple(x.shape)}")
+        context = x if context is None else context
+        if context.dim() != 3 or context.shape[-1] != self.dim or context.shape[0] != x.shape[0]:
+            raise ValueError(f"context must have shape ({x.shape[0]}, S, {self.dim}), got {tuple(context.shape)}")
+        B, L, S, H = x.shape[0], x.shape[1], context.shape[1], self.heads
+        q = self.to_q(x).view(B, L, H, self.dim_head).transpose(1, 2)  # (B, H, L, E)
+        k, v = self.to_kv(context).view(B, S, 2, H, self.dim_head).permute(2, 0, 3, 1, 4)  # (B, H, S, E) each
+        return q, k, v
+
+    def forward(self, x, context=None, attn_mask=None):
+        """x (B, L, dim), context (B, S, dim) or None, attn_mask broadcastable to (B, H, L, S) -> (B, L, dim)."""
+        q, k, v = self._heads(x, context)
+        if self.kind == "dot":
+            out = dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
+        else:
+            out = neural_attention(q, k, v, self.score, attn_mask=attn_mask, is_causal=self.causal,
+                                   backend=self.backend)  # (B, H, L, E)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, L, H*E)
+        return self.dropout(self.to_out(out))
+
+    @torch.no_grad()
+    def attention_weights(self, x, context=None, attn_mask=None):
+        """The (B, H, L, S) attention matrix this layer applies, for inspection and plots."""
+        q, k, _ = self._heads(x, context)
+        score = self.score if self.kind == "neural" else None
+        return attention_weights(q, k, score, attn_mask=attn_mask, is_causal=self.causal)
+
+
+class FeedForward(nn.Sequential):
+    """The position-wise MLP dim -> hidden -> dim with GELU."""
+
+    def __init__(self, dim, hidden, dropout=0.0):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim, heads, kind="dot", causal=False, mlp_ratio=4, dropout=0.0, **attention_options):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads, kind=kind, causal=causal, dropout=dropout, **attention_options)
+        self.ln_mlp = nn.LayerNorm(dim)
+        self.mlp = FeedForward(dim, mlp_ratio * dim, dropout)
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.ln_attn(x), attn_mask=attn_mask)  # (B, L, dim)
+        return x + self.mlp(self.ln_mlp(x))

@@ -1,0 +1,70 @@
+"""The paper's score function: a small MLP on a (query, key) pair (DiGiugno & Mahmood 2025, Sec. 3)."""
+import torch
+import torch.nn as nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def default_proj_dim(head_dim):
+    """d' = head_dim / 32, at least 2 (the paper uses d' = 2 at head_dim 64)."""
+    return max(2, head_dim // 32)
+
+
+class NeuralScore(nn.Module):
+    """s(q_i, k_j) = MLP([q_proj(q_i); k_proj(k_j)]), shared by all heads.
+
+    With proj_dim P the MLP is 2P -> hidden[0] -> ... -> hidden[-1] -> 1 with the activation between layers;
+    the paper's hidden widths are (P, P // 2), each at least 1. No 1/sqrt(d) scaling is applied.
+    """
+
+    def __init__(self, head_dim, proj_dim=None, hidden=None, activation="relu"):
+        super().__init__()
+        if not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        proj_dim = default_proj_dim(head_dim) if proj_dim is None else proj_dim
+        if not isinstance(proj_dim, int) or proj_dim < 1:
+            raise ValueError(f"proj_dim must be a positive int, got {proj_dim!r}")
+        hidden = (proj_dim, max(1, proj_dim // 2)) if hidden is None else tuple(hidden)
+        if len(hidden) == 0 or any(not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.head_dim, self.proj_dim, self.hidden, self.activation = head_dim, proj_dim, hidden, activation
+        self.q_proj = nn.Linear(head_dim, proj_dim)
+        self.k_proj = nn.Linear(head_dim, proj_dim)
+        widths = (2 * proj_dim, *hidden, 1)
+        layers = []
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+            if i > 0:
+                layers.append(ACTIVATIONS[activation]())
+            layers.append(nn.Linear(fan_in, fan_out))
+        self.mlp = nn.Sequential(*layers)
+
+    def extra_repr(self):
+        return f"head_dim={self.head_dim}, proj_dim={self.proj_dim}, hidden={self.hidden}, activation={self.activation!r}"
+
+    def linears(self):
+        """The MLP's nn.Linear layers in order."""
+        return [m for m in self.mlp if isinstance(m, nn.Linear)]
+
+    def logits(self, q, k):
+        """Materialize every pair score, as the paper does: (..., L, E), (..., S, E) -> (..., L, S)."""
+        a, b = self.q_proj(q), self.k_proj(k)  # (..., L, P), (..., S, P)
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        L, S, P = a.shape[-2], b.shape[-2], self.proj_dim
+        pairs = torch.cat([a.unsqueeze(-2).expand(*batch, L, S, P),
+                           b.unsqueeze(-3).expand(*batch, L, S, P)], dim=-1)  # (..., L, S, 2P)
+        return self.mlp(pairs).squeeze(-1)  # (..., L, S)
+
+    def split(self, q, k):
+        """Split the first layer over the concatenation, for backends that never build the pair tensor.
+
+        W1 [a; b] + c = (W1_q a + c) + W1_k b, so the first hidden layer of pair (i, j) is act(A_i + Bk_j) with
+        A = W1_q q_proj(q) + c of shape (..., L, hidden[0]) and Bk = W1_k k_proj(k) of shape (..., S, hidden[0]).
+        Returns (A, Bk, rest): rest is the list of (weight, bias) of the remaining linear layers.
+        """
+        first, *rest = self.linears()
+        w_q, w_k = first.weight[:, : self.proj_dim], first.weight[:, self.proj_dim:]  # (h1, P) each
+        A = self.q_proj(q) @ w_q.T + first.bias  # (..., L, h1)
+        Bk = self.k_proj(k) @ w_k.T  # (..., S, h1)
+        return A, Bk, [(layer.weight, layer.bias) for layer in rest]

@@ -1,0 +1,103 @@
+"""MultiHeadAttention, the blocks and both models: shapes, causality, hybrid placement, errors, backward."""
+import pytest
+import torch
+
+from minina import MultiHeadAttention, NeuralScore, TransformerLM, VisionTransformer, dot_product_attention
+
+
+@pytest.mark.parametrize("kind", ["dot", "neural"])
+def test_mha_matches_manual_heads(kind):
+    mha = MultiHeadAttention(16, heads=2, kind=kind)
+    x = torch.randn(3, 5, 16)
+    q = mha.to_q(x).view(3, 5, 2, 8).transpose(1, 2)
+    k, v = mha.to_kv(x).chunk(2, dim=-1)
+    k, v = (t.view(3, 5, 2, 8).transpose(1, 2) for t in (k, v))
+    weights = mha.attention_weights(x)  # (3, 2, 5, 5)
+    expected = mha.to_out((weights @ v).transpose(1, 2).reshape(3, 5, 16))
+    torch.testing.assert_close(mha(x), expected)
+    if kind == "dot":
+        torch.testing.assert_close(weights @ v, dot_product_attention(q, k, v))
+    else:
+        assert isinstance(mha.score, NeuralScore) and mha.kind == "neural"
+
+
+@pytest.mark.parametrize("kind", ["dot", "neural"])
+def test_cross_attention_and_mask(kind):
+    mha = MultiHeadAttention(12, heads=3, kind=kind, dim_head=5)
+    x, context = torch.randn(2, 4, 12), torch.randn(2, 7, 12)
+    mask = torch.ones(2, 1, 4, 7, dtype=torch.bool)
+    mask[..., 5:] = False  # padding: the last two context tokens do not exist
+    out = mha(x, context, attn_mask=mask)
+    changed = context.clone()
+    changed[:, 5:] = torch.randn(2, 2, 12)
+    assert out.shape == (2, 4, 12)
+    torch.testing.assert_close(mha(x, changed, attn_mask=mask), out)
+
+
+@pytest.mark.parametrize("attention", ["dot", "neural", "hybrid"])
+def test_lm_never_looks_ahead(attention):
+    model = TransformerLM(vocab_size=11, dim=16, depth=2, heads=2, max_seq_len=12, attention=attention).eval()
+    idx = torch.randint(0, 11, (2, 10))
+    future = idx.clone()
+    future[:, 6:] = torch.randint(0, 11, (2, 4))
+    torch.testing.assert_close(model(idx)[:, :6], model(future)[:, :6])
+    assert not torch.allclose(model(idx)[:, 6:], model(future)[:, 6:])
+
+
+def test_hybrid_places_neural_in_first_block_only():
+    lm = TransformerLM(11, 16, depth=3, heads=2, max_seq_len=8, attention="hybrid")
+    assert [b.attn.kind for b in lm.blocks] == ["neural", "dot", "dot"]
+    assert [hasattr(b.attn, "score") for b in lm.blocks] == [True, False, False]
+    vit = VisionTransformer(8, 4, 3, 16, depth=2, heads=2, attention=["dot", "neural"])
+    assert [b.attn.kind for b in vit.blocks] == ["dot", "neural"]
+
+
+@pytest.mark.parametrize("attention", ["dot", "neural", "hybrid"])
+def test_models_forward_backward(attention):
+    lm = TransformerLM(13, 16, depth=2, heads=2, max_seq_len=9, attention=attention)
+    idx = torch.randint(0, 13, (3, 9))
+    assert lm(idx).shape == (3, 9, 13)
+    lm.loss(idx[:, :-1], idx[:, 1:]).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lm.parameters())
+    vit = VisionTransformer(8, 4, 5, 16, depth=2, heads=2, channels=1, attention=attention)
+    logits = vit(torch.randn(2, 1, 8, 8))
+    assert logits.shape == (2, 5)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in vit.parameters())
+
+
+def test_generate_extends_and_respects_window():
+    lm = TransformerLM(7, 16, depth=1, heads=2, max_seq_len=4, attention="neural")
+    out = lm.generate(torch.zeros(2, 1, dtype=torch.long), 6, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 7) and out.max() < 7
+    with pytest.raises(ValueError, match="temperature"):
+        lm.generate(out, 1, temperature=0)
+
+
+@pytest.mark.parametrize("build, call, match", [
+    (lambda: TransformerLM(7, 16, 1, 2, 4), lambda m: m(torch.zeros(1, 5, dtype=torch.long)),
+     r"sequence length 5 exceeds max_seq_len 4 \(idx \(1, 5\)\)"),
+    (lambda: TransformerLM(7, 16, 1, 2, 4), lambda m: m(torch.zeros(1, 2)), r"integer tensor of shape \(B, T\)"),
+    (lambda: VisionTransformer(8, 4, 3, 16, 1, 2), lambda m: m(torch.zeros(1, 3, 16, 16)),
+     r"images must have shape \(B, 3, 8, 8\), got \(1, 3, 16, 16\)"),
+    (lambda: MultiHeadAttention(16, 2), lambda m: m(torch.zeros(2, 3, 8)), r"\(B, L, 16\), got \(2, 3, 8\)"),
+    (lambda: MultiHeadAttention(16, 2), lambda m: m(torch.zeros(2, 3, 16), torch.zeros(1, 3, 16)),
+     r"context must have shape \(2, S, 16\), got \(1, 3, 16\)"),
+])
+def test_model_bad_inputs(build, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(build())
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: MultiHeadAttention(16, 2, kind="linear"), "kind must be one of"),
+    (lambda: MultiHeadAttention(16, 2, backend="fast"), "backend must be one of"),
+    (lambda: MultiHeadAttention(15, 2), r"dim \(15\) must be divisible by heads \(2\)"),
+    (lambda: MultiHeadAttention(16, 2, proj_dim=4), "kind='neural' only"),
+    (lambda: TransformerLM(7, 16, 2, 2, 4, attention="sparse"), "attention must be one of"),
+    (lambda: TransformerLM(7, 16, 2, 2, 4, attention=["dot"]), "needs 2 entries"),
+    (lambda: VisionTransformer(10, 4, 3, 16, 1, 2), r"image_size \(10\) must be divisible by patch_size \(4\)"),
+])
+def test_bad_constructor_arguments(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
