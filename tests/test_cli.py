@@ -17,7 +17,7 @@ def test_demo_command_prints_table():
     result = subprocess.run([sys.executable, "-m", "minina", "demo", "--seeds", "2", "--steps", "30"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("dot ", "neural "))]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("dot    ", "neural    "))]
     assert [row[0] for row in rows] == ["dot", "neural"]
     assert all(len(row) == 1 + 2 + 3 for row in rows)  # kind, 2 seeds, "mean ± std"
 
