@@ -1,0 +1,214 @@
+"""The datasets of the paper's experiments, read from local files (downloaded, with checksums, only when asked).
+
+Text: `load_text` gives token ids for Tiny Shakespeare (characters) and WikiText-2/103 (words); `lm_batches` and
+`lm_eval_batches` cut them into (B, T) windows. Images: `load_images` gives normalized image datasets for CIFAR-10/100,
+Fashion-MNIST or any ImageFolder tree. Files are looked for under `data_root()`:
+
+    <root>/tinyshakespeare/input.txt
+    <root>/wikitext-2/wiki.{train,valid,test}.tokens      (wikitext-103/ for WikiText-103)
+    <root>/cifar10/{train,test}/<class>/*.png              (an ImageFolder subset) or cifar10/cifar-10-batches-py/
+    <root>/cifar100/cifar-100-python/
+    <root>/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
+"""
+import dataclasses
+import gzip
+import hashlib
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+import torch
+
+TEXT_DATASETS = {
+    # name: (folder, files, archive URLs (mirrors), archive md5); the archives unpack to <root>/<folder>/
+    "tinyshakespeare": ("tinyshakespeare", ("input.txt",),
+                        ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",),
+                        "6fb458f1232090904fb40fe944165e91"),
+    "wikitext2": ("wikitext-2", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
+                  ("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+                   "https://wikitext.smerity.com/wikitext-2-v1.zip"),
+                  "542ccefacc6c27f945fb54453812b3cd"),
+    "wikitext103": ("wikitext-103", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
+                    ("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
+                     "https://wikitext.smerity.com/wikitext-103-v1.zip"),
+                    "9ddaacaf6af0710eda8c456decff7832"),
+}
+IMAGE_DATASETS = ("cifar10", "cifar100", "fashion-mnist")
+FASHION_MNIST_FILES = {  # file: md5 (the upstream gzip files, as torchvision checks them)
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FASHION_MNIST_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                         "https://ossci-datasets.s3.amazonaws.com/fashion-mnist/")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
+def cache_dir():
+    """minina's user cache folder: $XDG_CACHE_HOME/minina, else ~/.cache/minina."""
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "minina"
+
+
+def data_root(root=None):
+    """Where datasets live: `root` if given, else $MININA_DATA, else the user cache folder."""
+    if root is not None:
+        return pathlib.Path(root).expanduser()
+    if os.environ.get("MININA_DATA"):
+        return pathlib.Path(os.environ["MININA_DATA"]).expanduser()
+    return cache_dir()
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file next to `path`, then rename: a reader never sees a half-written file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _missing_files_error(name, folder, missing, how):
+    return FileNotFoundError(
+        f"{name}: {', '.join(missing)} not found in {folder}. Put {how} in that folder, or point MININA_DATA "
+        f"(or root=) at the folder that holds '{folder.name}/', or pass download=True (--download) to fetch it.")
+
+
+def _download(name, folder, urls, md5):
+    """Fetch one file, or an archive unpacked into folder.parent, trying each mirror; torchvision checks the md5."""
+    from torchvision.datasets.utils import download_and_extract_archive, download_url
+
+    errors = []
+    for url in urls:
+        try:
+            if url.endswith(".zip"):
+                download_and_extract_archive(url, download_root=str(folder.parent), md5=md5, remove_finished=True)
+            else:
+                download_url(url, str(folder), md5=md5)
+            return
+        except Exception as error:  # a dead mirror: try the next one
+            errors.append(f"{url}: {error}")
+    raise RuntimeError(f"could not download {name}:\n" + "\n".join(errors))
+
+
+# ---------------------------------------------------------------------------------------------------------- text
+
+
+@dataclasses.dataclass(repr=False)
+class TextCorpus:
+    """Token ids of one corpus: train, val, test are 1-D torch.long tensors indexing vocab.
+
+    level "char": one token per character; level "word": whitespace-separated words (WikiText marks rare words
+    as "<unk>" and each line ends with "<eos>").
+    """
+
+    name: str
+    level: str
+    vocab: list
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+    def __post_init__(self):
+        self.index = {token: i for i, token in enumerate(self.vocab)}
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def __repr__(self):
+        return (f"TextCorpus({self.name!r}, {self.level} level, vocab {self.vocab_size:,}, train {len(self.train):,} "
+                f"/ val {len(self.val):,} / test {len(self.test):,} tokens)")
+
+    def encode(self, text):
+        """text -> 1-D LongTensor of ids; at word level, unknown words become "<unk>"."""
+        if self.level == "char":
+            unknown = sorted(set(text) - self.index.keys())
+            if unknown:
+                raise ValueError(f"text has characters outside the {self.name} vocabulary: {unknown!r}")
+            return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+        unk = self.index.get("<unk>")
+        return torch.tensor([self.index.get(word, unk) for word in text.split()], dtype=torch.long)
+
+    def decode(self, ids):
+        """ids (any iterable of ints, or a tensor) -> text."""
+        tokens = [self.vocab[i] for i in torch.as_tensor(ids).flatten().tolist()]
+        return ("" if self.level == "char" else " ").join(tokens)
+
+
+def _read_words(path):
+    """Each line's words plus "<eos>", as PyTorch's word_language_model example reads WikiText."""
+    with open(path, encoding="utf-8") as file:
+        return [word for line in file for word in line.split() + ["<eos>"]]
+
+
+def load_text(name, root=None, download=False):
+    """Load a text corpus by name ("tinyshakespeare", "wikitext2", "wikitext103") as a TextCorpus.
+
+    tinyshakespeare: characters, the first 90% of the file for training and the rest for val (test = val).
+    wikitext: words, vocabulary from the train split in order of first appearance.
+    """
+    if name not in TEXT_DATASETS:
+        raise ValueError(f"unknown text dataset {name!r}; choose one of {sorted(TEXT_DATASETS)}")
+    folder_name, files, urls, md5 = TEXT_DATASETS[name]
+    folder = data_root(root) / folder_name
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing and download:
+        _download(name, folder, urls, md5)
+        missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise _missing_files_error(name, folder, missing, " and ".join(files))
+    if name == "tinyshakespeare":
+        text = (folder / "input.txt").read_text(encoding="utf-8")
+        vocab = sorted(set(text))
+        index = {c: i for i, c in enumerate(vocab)}
+        ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+        split = int(0.9 * len(ids))
+        return TextCorpus(name, "char", vocab, ids[:split], ids[split:], ids[split:])
+    splits = [_read_words(folder / f) for f in files]
+    vocab = list(dict.fromkeys(splits[0]))  # first-appearance order
+    index = {word: i for i, word in enumerate(vocab)}
+    unk = index.get("<unk>")
+    train, val, test = (torch.tensor([index.get(word, unk) for word in words], dtype=torch.long) for words in splits)
+    return TextCorpus(name, "word", vocab, train, val, test)
+
+
+def _check_tokens(tokens, seq_len):
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype != torch.long:
+        raise ValueError(f"tokens must be a 1-D torch.long tensor, got {getattr(tokens, 'dtype', type(tokens))} "
+                         f"{tuple(getattr(tokens, 'shape', ()))}")
+    if len(tokens) <= seq_len:
+        raise ValueError(f"tokens ({len(tokens)}) must be longer than seq_len ({seq_len})")
+
+
+def lm_batches(tokens, batch_size, seq_len, generator=None):
+    """One training batch of random windows: x (B, T) and targets y (B, T), y shifted one token ahead of x.
+
+    The start positions are drawn with `generator`, so a seeded generator gives the same batches every run.
+    """
+    _check_tokens(tokens, seq_len)
+    starts = torch.randint(len(tokens) - seq_len, (batch_size,), generator=generator)  # (B,)
+    positions = starts[:, None] + torch.arange(seq_len)  # (B, T)
+    return tokens[positions], tokens[positions + 1]
+
+
+def lm_eval_batches(tokens, batch_size, seq_len, max_batches=None):
+    """Consecutive non-overlapping windows from the start of tokens, as (x, y) batches of up to batch_size rows.
+
+    Deterministic; stops after max_batches batches (None: all windows). The last batch may have fewer rows.
+    """
+    _check_tokens(tokens, seq_len)
+    windows = (len(tokens) - 1) // seq_len
+    starts = torch.arange(windows) * seq_len  # (windows,)
+    for batch_number, first in enumerate(range(0, windows, batch_size)):
+        if max_batches is not None and batch_number >= max_batches:
+            return
+        positions = starts[first:first + batch_size, None] + torch.arange(seq_len)  # (B, T)
+        yield tokens[positions], tokens[positions + 1]
