@@ -69,6 +69,7 @@ def atomic_save(obj, path):
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(obj, file)
+        os.chmod(temporary, 0o644)  # mkstemp creates 0o600
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -212,3 +213,169 @@ def lm_eval_batches(tokens, batch_size, seq_len, max_batches=None):
             return
         positions = starts[first:first + batch_size, None] + torch.arange(seq_len)  # (B, T)
         yield tokens[positions], tokens[positions + 1]
+
+
+# -------------------------------------------------------------------------------------------------------- images
+
+
+class ImageTensors(torch.utils.data.Dataset):
+    """Images kept as one uint8 tensor (N, C, H, W) with labels (N,); item i is (normalized float (C, H, W), label).
+
+    normalize() applies the same per-channel standardization to a whole uint8 batch, on any device.
+    """
+
+    def __init__(self, images, labels, mean, std):
+        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.normalize(self.images[i]), int(self.labels[i])
+
+    def normalize(self, images):
+        """uint8 (..., C, H, W) -> float32 (..., C, H, W) with zero mean and unit std per channel (train statistics)."""
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return (images.float() / 255 - mean[:, None, None]) / std[:, None, None]
+
+
+@dataclasses.dataclass
+class ImageData:
+    """A train and a test ImageTensors dataset with what a model needs to know about them."""
+
+    name: str
+    train: ImageTensors
+    test: ImageTensors
+    classes: list
+    channels: int
+    image_size: int
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+
+def _folder_fingerprint(folder):
+    """A short hash naming the contents of an image folder: its MANIFEST.sha256 if present, else names and sizes."""
+    manifest = folder / "MANIFEST.sha256"
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    if manifest.is_file():
+        digest.update(manifest.read_bytes())
+    else:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                digest.update(f"{path.relative_to(folder)} {path.stat().st_size} {path.stat().st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _decode_image_folder(folder):
+    """Read folder/{train,test}/<class>/* (ImageFolder layout, classes sorted by name) into uint8 tensors."""
+    from torchvision.io import decode_image, read_file
+
+    classes = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
+    arrays = {"classes": classes}
+    for split in ("train", "test"):
+        split_classes = sorted(p.name for p in (folder / split).iterdir() if p.is_dir())
+        if set(split_classes) - set(classes):
+            raise ValueError(f"{folder / split} has classes not in {folder / 'train'}: "
+                             f"{sorted(set(split_classes) - set(classes))}")
+        files = [(path, classes.index(name)) for name in split_classes
+                 for path in sorted((folder / split / name).iterdir()) if path.is_file()]
+        if not files:
+            raise FileNotFoundError(f"no image files under {folder / split}/<class>/")
+        images = [decode_image(read_file(str(path))) for path, _ in files]  # (C, H, W) each
+        shapes = {tuple(image.shape) for image in images}
+        if len(shapes) > 1:
+            raise ValueError(f"images under {folder / split} differ in shape: {sorted(shapes)}")
+        arrays[f"{split}_images"] = torch.stack(images)  # (N, C, H, W)
+        arrays[f"{split}_labels"] = torch.tensor([label for _, label in files], dtype=torch.long)
+    return arrays
+
+
+def _image_folder_arrays(folder):
+    """The decoded ImageFolder tree, cached in the user cache folder under a hash of its path and MANIFEST."""
+    cache = cache_dir() / "images" / f"{folder.name}-{_folder_fingerprint(folder)}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    arrays = _decode_image_folder(folder)
+    atomic_save(arrays, cache)
+    return arrays
+
+
+def _read_idx(path, offset):
+    with gzip.open(path, "rb") as file:
+        return np.frombuffer(file.read(), np.uint8, offset=offset)
+
+
+def _fashion_mnist_arrays(folder, download):
+    """The four IDX .gz files, read directly (torchvision would want them decompressed in another layout)."""
+    missing = [f for f in FASHION_MNIST_FILES if not (folder / f).is_file()]
+    if download:
+        for file in missing:
+            _download("fashion-mnist", folder, [mirror + file for mirror in FASHION_MNIST_MIRRORS],
+                      FASHION_MNIST_FILES[file])
+        missing = [f for f in FASHION_MNIST_FILES if not (folder / f).is_file()]
+    if missing:
+        raise _missing_files_error("fashion-mnist", folder, missing, "the four .gz files of Fashion-MNIST (flat)")
+    arrays = {"classes": list(FASHION_MNIST_CLASSES)}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", offset=16).reshape(-1, 1, 28, 28)
+        labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", offset=8)
+        arrays[f"{split}_images"] = torch.from_numpy(images.copy())  # (N, 1, 28, 28)
+        arrays[f"{split}_labels"] = torch.from_numpy(labels.astype(np.int64))
+    return arrays
+
+
+def _cifar_arrays(name, folder, download):
+    """Full CIFAR through torchvision if its files are in folder (or download), else an ImageFolder subset there."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    dataset_class = CIFAR10 if name == "cifar10" else CIFAR100
+    has_batches = (folder / dataset_class.base_folder).is_dir()
+    if not has_batches and (folder / "train").is_dir() and (folder / "test").is_dir():
+        return _image_folder_arrays(folder)
+    if not has_batches and not download:
+        raise _missing_files_error(name, folder, [dataset_class.base_folder + "/"],
+                                   f"torchvision's {dataset_class.base_folder}/ (from {dataset_class.filename}) or "
+                                   f"an ImageFolder tree train/<class>/*.png, test/<class>/*.png")
+    arrays = {}
+    for split in ("train", "test"):
+        dataset = dataset_class(str(folder), train=split == "train", download=download)
+        arrays[f"{split}_images"] = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+        arrays[f"{split}_labels"] = torch.tensor(dataset.targets, dtype=torch.long)
+        arrays["classes"] = list(dataset.classes)
+    return arrays
+
+
+def load_images(name, root=None, download=False, train_size=None):
+    """Load "cifar10", "cifar100", "fashion-mnist", or a path to an ImageFolder tree, as ImageData.
+
+    Images are standardized per channel with the training set's mean and std. train_size keeps that many training
+    images, chosen by a fixed random permutation (the same subset on every call).
+    """
+    if name in IMAGE_DATASETS:
+        folder = data_root(root) / name
+        arrays = (_fashion_mnist_arrays(folder, download) if name == "fashion-mnist"
+                  else _cifar_arrays(name, folder, download))
+    elif pathlib.Path(name).expanduser().is_dir():
+        folder = pathlib.Path(name).expanduser()
+        if not (folder / "train").is_dir() or not (folder / "test").is_dir():
+            raise FileNotFoundError(f"{folder} must hold train/<class>/* and test/<class>/* (ImageFolder layout)")
+        arrays = _image_folder_arrays(folder)
+    else:
+        raise ValueError(f"unknown image dataset {name!r}; choose one of {IMAGE_DATASETS} or give the path of an "
+                         f"ImageFolder tree")
+    train_images, train_labels = arrays["train_images"], arrays["train_labels"]
+    if train_size is not None:
+        if not isinstance(train_size, int) or not 0 < train_size <= len(train_labels):
+            raise ValueError(f"train_size must be an int in [1, {len(train_labels)}], got {train_size!r}")
+        keep = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(0))[:train_size]
+        train_images, train_labels = train_images[keep], train_labels[keep]
+    pixels = train_images.transpose(0, 1).flatten(1).float() / 255  # (C, N*H*W)
+    mean, std = pixels.mean(dim=1), pixels.std(dim=1)  # (C,)
+    channels, height, width = train_images.shape[1:]
+    if height != width:
+        raise ValueError(f"images must be square, got {height}x{width}")
+    return ImageData(str(name), ImageTensors(train_images, train_labels, mean, std),
+                     ImageTensors(arrays["test_images"], arrays["test_labels"], mean, std),
+                     list(arrays["classes"]), channels, height)
