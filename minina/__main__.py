@@ -5,6 +5,7 @@ import importlib
 # command -> module that defines HELP, add_arguments(parser) and main(args)
 COMMANDS = {
     "demo": "minina.demo",
+    "study-learnability": "minina.study",
 }
 
 

@@ -1,8 +1,11 @@
 """The paper's score function: a small MLP on a (query, key) pair (DiGiugno & Mahmood 2025, Sec. 3)."""
+import math
+
 import torch
 import torch.nn as nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+INITS = ("paper", "kaiming")
 
 
 def default_proj_dim(head_dim):
@@ -15,9 +18,15 @@ class NeuralScore(nn.Module):
 
     With proj_dim P the MLP is 2P -> hidden[0] -> ... -> hidden[-1] -> 1 with the activation between layers;
     the paper's hidden widths are (P, P // 2), each at least 1. No 1/sqrt(d) scaling is applied.
+
+    Opt-in training aids (defaults reproduce the paper): init="kaiming" draws the MLP weights from
+    N(0, 2 / fan_in) with zero biases instead of PyTorch's default uniform init; learn_scale=True multiplies the
+    logit by a learnable scalar `logit_scale` starting at scale_init (5.0 if not given). Both lift the initial
+    logit spread out of the near-uniform regime where training stalls (`python -m minina study-learnability`).
     """
 
-    def __init__(self, head_dim, proj_dim=None, hidden=None, activation="relu"):
+    def __init__(self, head_dim, proj_dim=None, hidden=None, activation="relu", init="paper", learn_scale=False,
+                 scale_init=None):
         super().__init__()
         if not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
@@ -29,7 +38,17 @@ class NeuralScore(nn.Module):
             raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if not isinstance(learn_scale, bool):
+            raise TypeError(f"learn_scale must be a bool, got {type(learn_scale).__name__}")
+        if scale_init is not None and not learn_scale:
+            raise ValueError(f"scale_init applies only with learn_scale=True, got scale_init={scale_init!r}")
+        scale_init = 5.0 if scale_init is None else scale_init
+        if isinstance(scale_init, bool) or not isinstance(scale_init, (int, float)) or not 0 < scale_init < math.inf:
+            raise ValueError(f"scale_init must be a positive finite number, got {scale_init!r}")
         self.head_dim, self.proj_dim, self.hidden, self.activation = head_dim, proj_dim, hidden, activation
+        self.init, self.learn_scale = init, learn_scale
         self.q_proj = nn.Linear(head_dim, proj_dim)
         self.k_proj = nn.Linear(head_dim, proj_dim)
         widths = (2 * proj_dim, *hidden, 1)
@@ -39,9 +58,18 @@ class NeuralScore(nn.Module):
                 layers.append(ACTIVATIONS[activation]())
             layers.append(nn.Linear(fan_in, fan_out))
         self.mlp = nn.Sequential(*layers)
+        if init == "kaiming":
+            for layer in self.linears():
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")  # std sqrt(2 / fan_in)
+                nn.init.zeros_(layer.bias)
+        if learn_scale:
+            self.logit_scale = nn.Parameter(torch.tensor(float(scale_init)))
 
     def extra_repr(self):
-        return f"head_dim={self.head_dim}, proj_dim={self.proj_dim}, hidden={self.hidden}, activation={self.activation!r}"
+        options = "".join([f", init={self.init!r}" if self.init != "paper" else "",
+                           ", learn_scale=True" if self.learn_scale else ""])
+        return (f"head_dim={self.head_dim}, proj_dim={self.proj_dim}, hidden={self.hidden}, "
+                f"activation={self.activation!r}{options}")
 
     def linears(self):
         """The MLP's nn.Linear layers in order."""
@@ -54,17 +82,23 @@ class NeuralScore(nn.Module):
         L, S, P = a.shape[-2], b.shape[-2], self.proj_dim
         pairs = torch.cat([a.unsqueeze(-2).expand(*batch, L, S, P),
                            b.unsqueeze(-3).expand(*batch, L, S, P)], dim=-1)  # (..., L, S, 2P)
-        return self.mlp(pairs).squeeze(-1)  # (..., L, S)
+        logits = self.mlp(pairs).squeeze(-1)  # (..., L, S)
+        return logits * self.logit_scale if self.learn_scale else logits
 
     def split(self, q, k):
         """Split the first layer over the concatenation, for backends that never build the pair tensor.
 
         W1 [a; b] + c = (W1_q a + c) + W1_k b, so the first hidden layer of pair (i, j) is act(A_i + Bk_j) with
         A = W1_q q_proj(q) + c of shape (..., L, hidden[0]) and Bk = W1_k k_proj(k) of shape (..., S, hidden[0]).
-        Returns (A, Bk, rest): rest is the list of (weight, bias) of the remaining linear layers.
+        Returns (A, Bk, rest): rest is the list of (weight, bias) of the remaining linear layers, with a learned
+        logit_scale already folded into the last pair, so backends never see it.
         """
         first, *rest = self.linears()
         w_q, w_k = first.weight[:, : self.proj_dim], first.weight[:, self.proj_dim:]  # (h1, P) each
         A = self.q_proj(q) @ w_q.T + first.bias  # (..., L, h1)
         Bk = self.k_proj(k) @ w_k.T  # (..., S, h1)
-        return A, Bk, [(layer.weight, layer.bias) for layer in rest]
+        rest = [(layer.weight, layer.bias) for layer in rest]
+        if self.learn_scale:
+            weight, bias = rest[-1]
+            rest[-1] = (weight * self.logit_scale, bias * self.logit_scale)  # (1, h_last), (1,)
+        return A, Bk, rest

@@ -1,8 +1,17 @@
-"""Synthetic probe tasks whose right query-key relation one dot-product head cannot express, and a one-layer probe.
+"""Synthetic probe tasks for one attention head, and the probe itself with its training loop.
 
-nearest_key: a query point x_q and S key points x_j in [-1, 1], each key carrying a value y_j ~ N(0, 1); the target
-is the value of the key nearest to the query. For a fixed query a dot-product logit is affine in x_j, so its
-attention can only favour the largest or smallest x_j, never the nearest; a neural score can learn -|x_q - x_j|.
+Every task draws a query point x_q and S key points x_j, each key carrying a value y_j ~ N(0, 1); the target is
+the value of the one key that a relation between x_q and x_j selects, so a head that attends to exactly that key
+scores test MSE 0 and predicting 0 scores 1.0.
+
+- nearest_key: x in [-1, 1], the key nearest to the query, argmax_j -|x_q - x_j|.
+- ring_key: x in [-1, 1], the key whose distance to the query is closest to 1/2, argmax_j -| |x_q - x_j| - 1/2 |.
+- nearest_2d: x in [-1, 1]^2, the nearest key in Euclidean distance, argmax_j -||x_q - x_j||.
+- extreme_key (control): x in [-1, 1], the largest key if x_q > 0 else the smallest, argmax_j x_q x_j.
+
+With q = W_q x_q + b_q and k = W_k x_j + b_k a dot-product logit is affine in x_j for a fixed query, so it can
+only favour the largest or the smallest key: enough for extreme_key, never for the other three, whose right
+logits a neural score can express (DiGiugno & Mahmood 2025, Sec. 3).
 """
 import torch
 import torch.nn as nn
@@ -11,13 +20,45 @@ from .attention import dot_product_attention, neural_attention
 from .scores import NeuralScore
 
 
+def _select(values, logits):
+    """The value of each row's highest-logit key: values (B, S, 1), logits (B, S) -> (B, 1, 1)."""
+    return values.gather(1, logits.argmax(dim=1).view(-1, 1, 1))
+
+
+def _points(batch, count, dim, generator):
+    return torch.rand(batch, count, dim, generator=generator) * 2 - 1  # (B, count, dim) uniform in [-1, 1]
+
+
 def nearest_key_task(batch, num_keys, generator=None):
     """(queries (B, 1, 1), keys (B, S, 1), values (B, S, 1), target (B, 1, 1)) for the nearest-key task."""
-    queries = torch.rand(batch, 1, 1, generator=generator) * 2 - 1
-    keys = torch.rand(batch, num_keys, 1, generator=generator) * 2 - 1
+    queries, keys = _points(batch, 1, 1, generator), _points(batch, num_keys, 1, generator)
     values = torch.randn(batch, num_keys, 1, generator=generator)
-    nearest = (queries - keys).abs().argmin(dim=1, keepdim=True)  # (B, 1, 1)
-    return queries, keys, values, values.gather(1, nearest)
+    return queries, keys, values, _select(values, -(queries - keys).abs().squeeze(-1))
+
+
+def ring_key_task(batch, num_keys, generator=None):
+    """Like nearest_key_task, but the target key is the one at distance closest to 1/2 from the query."""
+    queries, keys = _points(batch, 1, 1, generator), _points(batch, num_keys, 1, generator)
+    values = torch.randn(batch, num_keys, 1, generator=generator)
+    return queries, keys, values, _select(values, -((queries - keys).abs() - 0.5).abs().squeeze(-1))
+
+
+def nearest_2d_task(batch, num_keys, generator=None):
+    """(queries (B, 1, 2), keys (B, S, 2), values (B, S, 1), target (B, 1, 1)): the nearest key in the plane."""
+    queries, keys = _points(batch, 1, 2, generator), _points(batch, num_keys, 2, generator)
+    values = torch.randn(batch, num_keys, 1, generator=generator)
+    return queries, keys, values, _select(values, -(queries - keys).norm(dim=-1))
+
+
+def extreme_key_task(batch, num_keys, generator=None):
+    """The control: the target key maximizes x_q x_j, a relation one dot-product head expresses exactly."""
+    queries, keys = _points(batch, 1, 1, generator), _points(batch, num_keys, 1, generator)
+    values = torch.randn(batch, num_keys, 1, generator=generator)
+    return queries, keys, values, _select(values, (queries * keys).squeeze(-1))
+
+
+TASKS = {"nearest_key": nearest_key_task, "ring_key": ring_key_task, "nearest_2d": nearest_2d_task,
+         "extreme_key": extreme_key_task}
 
 
 class AttentionProbe(nn.Module):
@@ -44,9 +85,18 @@ class AttentionProbe(nn.Module):
 
 def train_probe(kind, seed, steps=1500, num_keys=8, batch=256, head_dim=16, proj_dim=None, lr=3e-3,
                 score_options=None, task=nearest_key_task, test_size=4096, progress=None):
-    """Train one AttentionProbe with Adam on fresh batches; returns {"losses": [...], "test_mse": float}."""
+    """Train one AttentionProbe with Adam on fresh batches; returns {"losses": [...], "test_mse": float}.
+
+    task is a name in TASKS or a function like nearest_key_task; score_options go to NeuralScore. The model's
+    init depends on seed only, the training batches on seed and task, the test set on seed + 10,000.
+    """
+    if isinstance(task, str):
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {sorted(TASKS)} or a function, got {task!r}")
+        task = TASKS[task]
+    in_dim = task(1, num_keys, generator=torch.Generator().manual_seed(0))[0].shape[-1]  # the task's point size
     torch.manual_seed(seed)
-    model = AttentionProbe(1, head_dim, kind, proj_dim, score_options)
+    model = AttentionProbe(in_dim, head_dim, kind, proj_dim, score_options)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     data = torch.Generator().manual_seed(seed)
     losses = []

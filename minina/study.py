@@ -1,0 +1,204 @@
+"""`python -m minina study-learnability`: which NeuralScore options make training find what the score can express.
+
+Trains one attention head (tasks.AttentionProbe) per (task, variant, seed) and asks, per task, how many seeds reach
+the task's best test error within a margin, and how fast. A run succeeds when its test MSE is at most
+best + margin, best being the lowest test MSE of any run on that task; its steps to success are the first step
+at which the training loss, averaged over a window of CURVE_EVERY steps, falls to that threshold.
+Each finished run is appended to the CSV at once; rerunning the same command skips the runs already there.
+"""
+import csv
+import multiprocessing
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks import TASKS, train_probe
+
+HELP = "success rate over seeds of NeuralScore training options on probe tasks (CSV, table, plot)"
+
+# variant -> score_options for NeuralScore; None is the dot-product baseline
+VARIANTS = {
+    "dot": None,
+    "paper": {},
+    "scale": {"learn_scale": True},
+    "kaiming": {"init": "kaiming"},
+    "kaiming+scale": {"init": "kaiming", "learn_scale": True},
+    "gelu": {"activation": "gelu"},
+}
+CURVE_EVERY = 50  # training-loss curve resolution (steps) kept in the CSV
+FIELDS = ["task", "variant", "seed", "steps", "num_keys", "proj_dim", "test_mse", "seconds", "curve"]
+
+
+def _train_one(job):
+    task, variant, seed, steps, num_keys, proj_dim = job
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    kind = "dot" if VARIANTS[variant] is None else "neural"
+    result = train_probe(kind, seed, steps=steps, num_keys=num_keys, proj_dim=proj_dim,
+                         score_options=VARIANTS[variant], task=task)
+    losses = torch.tensor(result["losses"])
+    curve = losses[: steps - steps % CURVE_EVERY].view(-1, CURVE_EVERY).mean(dim=1)  # (steps // CURVE_EVERY,)
+    return {"task": task, "variant": variant, "seed": seed, "steps": steps, "num_keys": num_keys,
+            "proj_dim": proj_dim, "test_mse": result["test_mse"], "seconds": time.perf_counter() - start,
+            "curve": " ".join(f"{x:.5f}" for x in curve.tolist())}
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in ("seed", "steps", "num_keys", "proj_dim"):
+            row[key] = int(row[key])
+        row["test_mse"], row["seconds"] = float(row["test_mse"]), float(row["seconds"])
+    return rows
+
+
+def run_study(tasks=tuple(TASKS), variants=tuple(VARIANTS), seeds=10, steps=2000, num_keys=8, proj_dim=8,
+              csv_path=None, workers=2, progress=True):
+    """Train every (task, variant, seed); returns the rows (dicts with FIELDS).
+
+    csv_path: append each finished run there and reuse the matching runs it already holds. workers > 1 trains
+    runs in a process pool, one thread each.
+    """
+    unknown = [t for t in tasks if t not in TASKS] + [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown tasks/variants {unknown}; tasks: {sorted(TASKS)}, variants: {list(VARIANTS)}")
+    if seeds < 1 or steps < CURVE_EVERY or workers < 1:
+        raise ValueError(f"need seeds >= 1, steps >= {CURVE_EVERY}, workers >= 1; got {seeds}, {steps}, {workers}")
+    jobs = [(t, v, s, steps, num_keys, proj_dim) for t in tasks for v in variants for s in range(seeds)]
+    done = {}
+    if csv_path is not None and Path(csv_path).exists():
+        for row in _read_csv(csv_path):
+            done[tuple(row[k] for k in FIELDS[:6])] = row
+    rows = [done[job] for job in jobs if job in done]
+    todo = [job for job in jobs if job not in done]
+    writer = None
+    if csv_path is not None:
+        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+        new_file = not Path(csv_path).exists()
+        handle = open(csv_path, "a", newline="")
+        writer = csv.DictWriter(handle, FIELDS)
+        if new_file:
+            writer.writeheader()
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(todo) > 1 else None
+    try:
+        results = pool.imap_unordered(_train_one, todo) if pool else map(_train_one, todo)
+        for row in tqdm(results, total=len(todo), desc="study", unit="run", disable=not progress):
+            rows.append(row)
+            if writer is not None:
+                writer.writerow(row)
+                handle.flush()
+    finally:
+        if pool:
+            pool.terminate()
+        if writer is not None:
+            handle.close()
+    return rows
+
+
+def steps_to(curve, threshold):
+    """First step at which the windowed training loss is at most threshold, or None."""
+    values = [float(x) for x in curve.split()] if isinstance(curve, str) else list(curve)
+    return next(((i + 1) * CURVE_EVERY for i, x in enumerate(values) if x <= threshold), None)
+
+
+def summarize(rows, margin=0.05):
+    """Per task and variant: test MSE per seed, mean ± std, success rate and median steps to success.
+
+    Returns {task: {"best": float, "threshold": float, "variants": {variant: {...}}}}.
+    """
+    summary = {}
+    for task in dict.fromkeys(row["task"] for row in rows):
+        task_rows = [row for row in rows if row["task"] == task]
+        best = min(row["test_mse"] for row in task_rows)
+        threshold = best + margin
+        per_variant = {}
+        for variant in dict.fromkeys(row["variant"] for row in task_rows):
+            runs = sorted((row for row in task_rows if row["variant"] == variant), key=lambda row: row["seed"])
+            errors = [row["test_mse"] for row in runs]
+            wins = [row for row in runs if row["test_mse"] <= threshold]
+            # a run that passed on the test set but whose noisy training average never did counts as its last step
+            reached = [steps_to(row["curve"], threshold) or row["steps"] for row in wins]
+            per_variant[variant] = {
+                "errors": errors, "mean": statistics.mean(errors),
+                "std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
+                "successes": len(wins), "seeds": len(runs),
+                "median_steps": statistics.median(reached) if reached else None,
+            }
+        summary[task] = {"best": best, "threshold": threshold, "variants": per_variant}
+    return summary
+
+
+def format_table(summary):
+    """The summary as a plain-text table, one line per (task, variant)."""
+    lines = [f"{'task':<12} {'variant':<14} {'success':>8} {'median steps':>13} {'test MSE mean ± std':>20}  per seed"]
+    for task, entry in summary.items():
+        for variant, stats in entry["variants"].items():
+            steps = "-" if stats["median_steps"] is None else f"{stats['median_steps']:.0f}"
+            per_seed = " ".join(f"{e:.3f}" for e in stats["errors"])
+            lines.append(f"{task:<12} {variant:<14} {stats['successes']:>4}/{stats['seeds']:<3} {steps:>13} "
+                         f"{stats['mean']:>11.3f} ± {stats['std']:.3f}  {per_seed}")
+        lines.append(f"{'':<12} (success: test MSE <= best {entry['best']:.3f} + margin = {entry['threshold']:.3f})")
+    return "\n".join(lines)
+
+
+def plot_study(rows, summary, path):
+    """Per task: test MSE of every seed per variant (top) and the median training curve per variant (bottom)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summary)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7), squeeze=False)
+    for column, task in enumerate(tasks):
+        top, bottom = axes[0, column], axes[1, column]
+        variants = list(summary[task]["variants"])
+        for x, variant in enumerate(variants):
+            stats = summary[task]["variants"][variant]
+            jitter = torch.linspace(-0.15, 0.15, len(stats["errors"])).tolist()
+            top.scatter([x + j for j in jitter], stats["errors"], s=14, alpha=0.8)
+            top.annotate(f"{stats['successes']}/{stats['seeds']}", (x, 1.0), ha="center", va="bottom",
+                         xycoords=("data", "axes fraction"), fontsize=8)
+            curves = [torch.tensor([float(v) for v in row["curve"].split()]) for row in rows
+                      if row["task"] == task and row["variant"] == variant]
+            median = torch.stack(curves).median(dim=0).values
+            bottom.plot([(i + 1) * CURVE_EVERY for i in range(len(median))], median.tolist(), label=variant)
+        for axis in (top, bottom):
+            axis.axhline(summary[task]["threshold"], color="gray", linestyle="--", linewidth=1)
+            axis.set_yscale("log")
+        top.set_xticks(range(len(variants)), variants, rotation=35, ha="right", fontsize=8)
+        top.set_title(f"{task}\n(success rate above each column)", fontsize=9)
+        top.set_ylabel("test MSE per seed (log)")
+        bottom.set_xlabel("training step")
+        bottom.set_ylabel("median training loss over seeds (log)")
+    axes[1, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser):
+    parser.add_argument("--seeds", type=int, default=10, help="seeds per task and variant (default 10)")
+    parser.add_argument("--steps", type=int, default=2000, help="Adam steps per run (default 2000)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="probe tasks (default all)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="score variants (default all); 'dot' is the dot-product baseline")
+    parser.add_argument("--margin", type=float, default=0.05, help="success: test MSE <= task best + margin (0.05)")
+    parser.add_argument("--workers", type=int, default=2, help="training processes, one thread each (default 2)")
+    parser.add_argument("--out", default="runs/learnability", help="folder for results.csv and results.png")
+
+
+def main(args):
+    start = time.perf_counter()
+    out = Path(args.out)
+    rows = run_study(args.tasks, args.variants, args.seeds, args.steps, csv_path=out / "results.csv",
+                     workers=args.workers)
+    summary = summarize(rows, args.margin)
+    print("\nOne attention head per run, Adam 3e-3, batch 256, 8 keys, d' = 8; test MSE (predicting 0 scores 1.0).")
+    print(format_table(summary))
+    plot_study(rows, summary, out / "results.png")
+    print(f"\nwrote {out / 'results.csv'} and {out / 'results.png'} in {time.perf_counter() - start:.0f} s "
+          f"with {args.workers} worker(s)")
