@@ -1,0 +1,149 @@
+"""Structural checks every notebook in notebooks/ must pass; nbval (pytest over notebooks/) runs their cells.
+
+A notebook is named NN_name.ipynb, opens with a title, the Colab badge and a "What you will learn" paragraph, has
+a set-up cell that installs minina from the repository in pyproject's [project.urls] only on Colab, imports
+minina, asserts its claims, and is committed with the outputs of one clean top-to-bottom run.
+"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+REPOSITORY = re.search(r'^Repository\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"),
+                       re.M).group(1)
+MAX_BYTES = 1_000_000
+
+
+def colab_link(name, repository=REPOSITORY):
+    """The Colab URL that opens notebooks/<name> from the repository's main branch."""
+    return f"https://colab.research.google.com/github/{repository.split('github.com/')[1]}/blob/main/notebooks/{name}"
+
+
+def notebook_problems(path, repository=REPOSITORY):
+    """Every way the notebook at path breaks the rules above, as readable strings (empty when it is fine)."""
+    problems = []
+    if not re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", path.name):
+        problems.append(f"name {path.name!r} is not NN_name.ipynb")
+    if path.stat().st_size > MAX_BYTES:
+        problems.append(f"size {path.stat().st_size} bytes is over {MAX_BYTES}")
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    sources = ["".join(cell["source"]) for cell in cells]
+    intro = sources[0] if cells and cells[0]["cell_type"] == "markdown" else ""
+    if not intro.startswith("# "):
+        problems.append("the first cell is not a Markdown title '# ...'")
+    badge = f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_link(path.name, repository)})"
+    if badge not in intro:
+        problems.append(f"the first cell lacks the Colab badge {badge}")
+    if "What you will learn" not in intro:
+        problems.append("the first cell lacks a 'What you will learn' paragraph")
+    code = [(cell, source) for cell, source in zip(cells, sources) if cell["cell_type"] == "code"]
+    if not code:
+        return problems + ["there are no code cells"]
+    setup = code[0][1]
+    if ('IN_COLAB = "google.colab" in sys.modules' not in setup or "if IN_COLAB:" not in setup
+            or f'pip install -q "minina @ git+{repository}.git"' not in setup):
+        problems.append(f"the first code cell is not the Colab set-up cell installing git+{repository}.git")
+    if not any(re.search(r"^\s*(import minina|from minina)", source, re.M) for _, source in code):
+        problems.append("no cell imports minina")
+    if not any(re.search(r"^\s*assert ", source, re.M) for _, source in code):
+        problems.append("no cell asserts a claim")
+    counts = [cell["execution_count"] for cell, _ in code]
+    if counts != list(range(1, len(code) + 1)):
+        problems.append(f"code cells were not executed once each, top to bottom: execution counts {counts}")
+    if not any(cell["outputs"] for cell, _ in code):
+        problems.append("committed without outputs")
+    for index, (cell, _) in enumerate(code):
+        if any(output["output_type"] == "error" for output in cell["outputs"]):
+            problems.append(f"code cell {index} has an error output")
+    return problems
+
+
+def readme_notebooks_section():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"^## Notebooks\n(.*?)^## Citation", text, re.M | re.S)
+    assert match, "README.md needs a '## Notebooks' section right before '## Citation'"
+    return match.group(1)
+
+
+def test_notebooks_exist_with_distinct_numbers():
+    assert NOTEBOOKS, "notebooks/ holds no notebook"
+    numbers = [path.name[:2] for path in NOTEBOOKS]
+    assert len(set(numbers)) == len(numbers), f"two notebooks share a number: {[p.name for p in NOTEBOOKS]}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
+def test_notebook_structure(path):
+    assert notebook_problems(path) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
+def test_readme_lists_notebook_with_colab_link(path):
+    lines = [line for line in readme_notebooks_section().splitlines() if colab_link(path.name) in line]
+    assert len(lines) == 1, f"README's Notebooks section needs one line with the Colab link {colab_link(path.name)}"
+
+
+def _good_notebook():
+    intro = (f"# A title\n\n[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+             f"({colab_link('07_good.ipynb')})\n\nWhat you will learn: checks.")
+    setup = ('import sys\nIN_COLAB = "google.colab" in sys.modules\nif IN_COLAB:\n'
+             f'    %pip install -q "minina @ git+{REPOSITORY}.git"')
+    def code(source, count, outputs=()):
+        return {"cell_type": "code", "source": source, "execution_count": count, "outputs": list(outputs),
+                "metadata": {}}
+    stream = {"output_type": "stream", "name": "stdout", "text": "ok\n"}
+    return {"cells": [{"cell_type": "markdown", "source": intro, "metadata": {}}, code(setup, 1),
+                      code("import minina\nassert minina.__version__\nprint('ok')", 2, [stream])],
+            "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def _broken(notebook, what):
+    cells = notebook["cells"]
+    if what == "title":
+        cells[0]["source"] = cells[0]["source"][2:]
+    elif what == "badge":
+        cells[0]["source"] = cells[0]["source"].replace("07_good", "08_other")
+    elif what == "learn":
+        cells[0]["source"] = cells[0]["source"].replace("What you will learn", "About")
+    elif what == "set-up":
+        cells[1]["source"] = cells[1]["source"].replace("if IN_COLAB:\n", "")
+    elif what == "import":
+        cells[2]["source"] = cells[2]["source"].replace("import minina\n", "")
+    elif what == "assert":
+        cells[2]["source"] = cells[2]["source"].replace("assert ", "print")
+    elif what == "execution":
+        cells[1]["execution_count"], cells[2]["execution_count"] = 2, 1
+    elif what == "outputs":
+        cells[2]["outputs"] = []
+    elif what == "error":
+        cells[2]["outputs"].append({"output_type": "error", "ename": "AssertionError", "evalue": "",
+                                    "traceback": []})
+    return notebook
+
+
+def test_checker_accepts_a_good_notebook(tmp_path):
+    path = tmp_path / "07_good.ipynb"
+    path.write_text(json.dumps(_good_notebook()), encoding="utf-8")
+    assert notebook_problems(path) == []
+
+
+@pytest.mark.parametrize("what, message", [
+    ("title", "Markdown title"), ("badge", "Colab badge"), ("learn", "What you will learn"),
+    ("set-up", "set-up cell"), ("import", "imports minina"), ("assert", "asserts a claim"),
+    ("execution", "top to bottom"), ("outputs", "without outputs"), ("error", "error output")])
+def test_checker_reports_each_broken_rule(tmp_path, what, message):
+    path = tmp_path / "07_good.ipynb"
+    path.write_text(json.dumps(_broken(_good_notebook(), what)), encoding="utf-8")
+    problems = notebook_problems(path)
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+def test_checker_reports_bad_name_and_size(tmp_path):
+    path = tmp_path / "Seven.ipynb"
+    notebook = _good_notebook()
+    notebook["cells"][0]["source"] += " " * MAX_BYTES
+    path.write_text(json.dumps(notebook), encoding="utf-8")
+    problems = notebook_problems(path)
+    assert any("NN_name" in p for p in problems) and any("over" in p for p in problems), problems
