@@ -6,6 +6,7 @@ import importlib
 COMMANDS = {
     "demo": "minina.demo",
     "study-learnability": "minina.study",
+    "train": "minina.train",
 }
 
 

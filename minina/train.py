@@ -1,0 +1,496 @@
+"""`python -m minina train`: one small, resumable training loop for the paper's two experiments.
+
+task "lm": a TransformerLM on next-token prediction (validation loss and perplexity); task "vit": a
+VisionTransformer on image classification (validation loss and accuracy). AdamW, linear warmup then cosine decay,
+gradient clipping, bf16 autocast on CUDA, DistributedDataParallel when launched by torchrun (NCCL on GPUs, gloo on
+CPU). Every eval_every steps: evaluate, append a row to out/metrics.csv, write out/checkpoint.pt atomically.
+Ctrl-C finishes the current step, saves a checkpoint and stops; resume=True continues exactly where it stopped.
+"""
+import csv
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .attention import BACKENDS
+from .data import IMAGE_DATASETS, TEXT_DATASETS, atomic_save, lm_batches, lm_eval_batches, load_images, load_text
+from .models import TransformerLM, VisionTransformer
+from .scores import NeuralScore
+
+HELP = "train a language model or a ViT with dot, neural or hybrid attention (resumable, torchrun-ready)"
+TASKS = ("lm", "vit")
+ATTENTIONS = ("dot", "neural", "hybrid")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run depends on; the defaults train a small character-level model on CPU in minutes."""
+
+    task: str = "lm"                  # "lm" or "vit"
+    dataset: str = "tinyshakespeare"  # a name from minina.data (or, for vit, the path of an ImageFolder tree)
+    attention: str = "hybrid"         # "dot", "neural", or "hybrid" (neural in block 1 only, the paper's setting)
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    seq_len: int = 128                # lm: tokens per window
+    batch_size: int = 32              # global: split over the processes under torchrun
+    max_steps: int = 1000             # the horizon of the cosine schedule
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    grad_clip: float = 1.0            # max gradient norm; 0 turns clipping off
+    eval_every: int = 100
+    eval_batches: Optional[int] = 20  # None: the whole validation split
+    seed: int = 0
+    out: Optional[str] = None         # None: runs/<task>-<dataset>-<attention>-seed<seed>
+    patch_size: int = 4               # vit
+    image_size: Optional[int] = None  # vit: resize images to this size (None: as stored)
+    train_size: Optional[int] = None  # vit: use this many training images (None: all)
+    proj_dim: Optional[int] = None    # neural score d' (None: head_dim / 32, at least 2)
+    score_options: Optional[dict] = None  # more NeuralScore keyword arguments, e.g. {"activation": "gelu"}
+    backend: str = "auto"             # neural attention backend, see minina.attention.BACKENDS
+    dropout: float = 0.0
+    device: str = "auto"              # "auto": CUDA when available, else CPU
+    download: bool = False            # fetch missing dataset files (checksums verified)
+
+    def __post_init__(self):
+        if self.out is None:
+            dataset = pathlib.Path(self.dataset).name
+            self.out = f"runs/{self.task}-{dataset}-{self.attention}-seed{self.seed}"
+
+
+# The paper's two full-scale settings (DiGiugno & Mahmood 2025, Sec. 4, and their released training scripts), for
+# a GPU. They differ from the paper in what this loop does for every run: warmup + cosine instead of a constant
+# learning rate, no image augmentation, and WikiText-103 read at word level (the paper used BERT's tokenizer).
+CONFIGS = {
+    "paper-lm": TrainConfig(task="lm", dataset="wikitext103", attention="hybrid", dim=512, depth=8, heads=8,
+                            seq_len=1024, batch_size=1, max_steps=2_000_000, lr=3e-4, weight_decay=0.1,
+                            warmup_steps=2000, grad_clip=1.0, eval_every=10_000, eval_batches=1000, proj_dim=2,
+                            out="runs/paper-lm"),
+    "paper-vit": TrainConfig(task="vit", dataset="cifar10", attention="hybrid", dim=768, depth=12, heads=8,
+                             image_size=224, patch_size=8, batch_size=1, max_steps=350 * 50_000, lr=5e-5,
+                             weight_decay=0.1, warmup_steps=2000, grad_clip=1.0, eval_every=50_000,
+                             eval_batches=None, proj_dim=2, out="runs/paper-vit"),
+}
+
+# Fields a resumed run may change; any other difference from the checkpoint's config is an error.
+RESUMABLE_CHANGES = ("max_steps", "eval_every", "eval_batches", "out", "backend", "device", "download")
+
+
+def check_config(config):
+    """Raise ValueError naming the field when a TrainConfig value cannot work."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if config.task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
+    if config.attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {config.attention!r}")
+    names = TEXT_DATASETS if config.task == "lm" else IMAGE_DATASETS
+    if config.dataset not in names and (config.task == "lm" or not pathlib.Path(config.dataset).is_dir()):
+        raise ValueError(f"dataset for task {config.task!r} must be one of {sorted(names)}"
+                         f"{' or an ImageFolder path' if config.task == 'vit' else ''}, got {config.dataset!r}")
+    for name in ("dim", "depth", "heads", "seq_len", "batch_size", "max_steps", "eval_every", "patch_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in ("eval_batches", "image_size", "train_size", "proj_dim"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if config.dim % config.heads:
+        raise ValueError(f"dim ({config.dim}) must be divisible by heads ({config.heads})")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be > 0, got {config.lr!r}")
+    for name in ("weight_decay", "grad_clip", "warmup_steps"):
+        if not getattr(config, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)!r}")
+    if not 0 <= config.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {config.dropout!r}")
+    if config.score_options is not None and not isinstance(config.score_options, dict):
+        raise ValueError(f"score_options must be a dict or None, got {type(config.score_options).__name__}")
+    if config.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
+    if config.device != "auto":
+        try:
+            torch.device(config.device)
+        except RuntimeError:
+            raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', "
+                             f"got {config.device!r}") from None
+
+
+def build_model(config, vocab_size=None, num_classes=None, image_size=None, channels=None):
+    """The TransformerLM (task "lm", needs vocab_size) or VisionTransformer (task "vit") that config describes.
+
+    For vit, image_size and channels are the data's; config.image_size, when set, overrides image_size.
+    """
+    check_config(config)
+    common = dict(dim=config.dim, depth=config.depth, heads=config.heads, attention=config.attention,
+                  dropout=config.dropout, backend=config.backend)
+    if config.task == "lm":
+        if vocab_size is None:
+            raise ValueError("build_model needs vocab_size for task 'lm'")
+        model = TransformerLM(vocab_size, max_seq_len=config.seq_len, **common)
+    else:
+        if num_classes is None or image_size is None or channels is None:
+            raise ValueError("build_model needs num_classes, image_size and channels for task 'vit'")
+        model = VisionTransformer(config.image_size or image_size, config.patch_size, num_classes,
+                                  channels=channels, **common)
+    if config.proj_dim is not None or config.score_options:
+        # MultiHeadAttention refuses score options on dot-product blocks, so the neural blocks of a hybrid model
+        # get their configured NeuralScore here (it keeps PyTorch's default init, as the models' own scores do).
+        for block in model.blocks:
+            if block.attn.kind == "neural":
+                block.attn.score = NeuralScore(block.attn.dim_head, config.proj_dim, **(config.score_options or {}))
+    return model
+
+
+def learning_rate_factor(step, warmup_steps, max_steps, final_factor=0.1):
+    """Multiplier of lr at step: linear warmup to 1 over warmup_steps, then cosine decay to final_factor."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(model, config):
+    """AdamW; matrices decay, biases, norms and the ViT's class token and position embedding do not."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+class _Task:
+    """The data side of a run: draws training batches (state kept for checkpoints), computes loss, evaluates."""
+
+    def __init__(self, config, rank, world, device):
+        self.config, self.rank, self.world, self.device = config, rank, world, device
+        self.generator = torch.Generator().manual_seed(config.seed)
+        if config.task == "lm":
+            self.corpus = load_text(config.dataset, download=config.download)
+            self.model_sizes = dict(vocab_size=self.corpus.vocab_size)
+            self.items, self.metric = "tokens", "perplexity"
+        else:
+            self.images = load_images(config.dataset, download=config.download, train_size=config.train_size)
+            self.model_sizes = dict(num_classes=self.images.num_classes, image_size=self.images.image_size,
+                                    channels=self.images.channels)
+            self.items, self.metric = "images", "accuracy"
+            self.epoch_start_state = self.generator.get_state()
+            self.order = torch.randperm(len(self.images.train), generator=self.generator)
+            self.epoch, self.index = 0, 0
+
+    def state(self):
+        """The data position as tensors and ints (safe for torch.load(weights_only=True))."""
+        if self.config.task == "lm":
+            return {"generator": self.generator.get_state()}
+        return {"generator": self.epoch_start_state, "epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state):
+        self.generator.set_state(state["generator"])
+        if self.config.task == "vit":
+            self.epoch_start_state = state["generator"]
+            self.order = torch.randperm(len(self.images.train), generator=self.generator)
+            self.epoch, self.index = state["epoch"], state["index"]
+
+    def _local(self, batch):
+        """This process's share of a global batch (the same on every process), moved to the device."""
+        return [t.chunk(self.world)[self.rank].to(self.device, non_blocking=True) for t in batch]
+
+    def train_batch(self):
+        config = self.config
+        if config.task == "lm":
+            return self._local(lm_batches(self.corpus.train, config.batch_size, config.seq_len, self.generator))
+        if self.index + config.batch_size > len(self.order):  # a new epoch; the partial last batch is dropped
+            self.epoch_start_state = self.generator.get_state()
+            self.order = torch.randperm(len(self.images.train), generator=self.generator)
+            self.epoch, self.index = self.epoch + 1, 0
+        chosen = self.order[self.index:self.index + config.batch_size]  # (B,)
+        self.index += config.batch_size
+        return self._local((self.images.train.images[chosen], self.images.train.labels[chosen]))
+
+    def loss(self, model, batch, reduction="mean"):
+        """Cross-entropy of one batch, and the number of predictions it averages over."""
+        inputs, targets = batch
+        if self.config.task == "lm":
+            logits = model(inputs)  # (B, T, vocab)
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction), None
+        images = self.images.train.normalize(inputs)  # (B, C, H, W)
+        if self.config.image_size is not None:
+            images = F.interpolate(images, size=self.config.image_size, mode="bilinear", align_corners=False)
+        logits = model(images).float()  # (B, classes)
+        return F.cross_entropy(logits, targets, reduction=reduction), logits
+
+    def _eval_batches(self):
+        config = self.config
+        if config.task == "lm":
+            yield from lm_eval_batches(self.corpus.val, config.batch_size, config.seq_len, config.eval_batches)
+            return
+        test = self.images.test
+        for number, first in enumerate(range(0, len(test), config.batch_size)):
+            if config.eval_batches is not None and number >= config.eval_batches:
+                return
+            yield test.images[first:first + config.batch_size], test.labels[first:first + config.batch_size]
+
+    @torch.no_grad()
+    def evaluate(self, model, autocast):
+        """(validation loss, perplexity or accuracy in [0, 1]); batch i is evaluated by process i % world."""
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, predictions, correct
+        for number, batch in enumerate(self._eval_batches()):
+            if number % self.world != self.rank:
+                continue
+            inputs, targets = (t.to(self.device) for t in batch)
+            with autocast():
+                loss, logits = self.loss(model, (inputs, targets), reduction="sum")
+            totals[0] += loss.double()
+            totals[1] += targets.numel()
+            if logits is not None:
+                totals[2] += (logits.argmax(dim=-1) == targets).sum()
+        if self.world > 1:
+            dist.all_reduce(totals)
+        val_loss = (totals[0] / totals[1]).item()
+        return val_loss, math.exp(min(val_loss, 700)) if self.config.task == "lm" else (totals[2] / totals[1]).item()
+
+
+def _distributed_setup(config):
+    """(rank, world_size, device); joins the process group when launched by torchrun."""
+    cuda = config.device == "auto" and torch.cuda.is_available() or config.device.startswith("cuda")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(("cuda" if cuda else "cpu") if config.device == "auto" else config.device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    world = dist.get_world_size()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world})")
+    return dist.get_rank(), world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+class _StopOnInterrupt:
+    """While active, the first Ctrl-C (SIGINT) only sets .requested, so the loop can stop at a step boundary."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C interrupts at once
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _metrics_header(task):
+    return ["step", "train_loss", "val_loss", "perplexity" if task == "lm" else "accuracy",
+            "lr", "tokens_per_s" if task == "lm" else "images_per_s"]
+
+
+def _start_metrics(path, task, keep_until_step):
+    """Write metrics.csv's header, keeping the rows up to keep_until_step (a resumed run's checkpoint)."""
+    rows = []
+    if keep_until_step is not None and path.is_file():
+        with open(path, newline="") as file:
+            rows = [row for row in list(csv.reader(file))[1:] if int(row[0]) <= keep_until_step]
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="") as file:
+        csv.writer(file).writerows([_metrics_header(task)] + rows)
+    os.replace(temporary, path)
+
+
+def _check_resumable(saved, config):
+    current = dataclasses.asdict(config)
+    changed = sorted(name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name])
+    if changed:
+        details = ", ".join(f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}" for name in changed)
+        raise ValueError(f"cannot resume: the config differs from the checkpoint's in {details}")
+
+
+def summary_line(summary):
+    """One line that says how a run ended."""
+    metric = (f"perplexity {summary['perplexity']:.2f}" if "perplexity" in summary
+              else f"accuracy {100 * summary['accuracy']:.1f}%")
+    val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
+    metric = metric if summary["val_loss"] is not None else "not evaluated yet"
+    state = ("interrupted; " if summary["interrupted"] else "") + (
+        "paused, continue with --resume; " if summary["stopped_early"] else "")
+    return (f"{state}step {summary['steps']}: val_loss {val}, {metric}, {summary['params']:,} parameters, "
+            f"{summary['seconds_per_step']:.3f} s/step -> {summary['out']}")
+
+
+def train(config, resume=False, progress=True, stop_after=None):
+    """Train as config says; returns a summary dict.
+
+    Summary: val_loss, perplexity (lm) or accuracy (vit) of the last evaluation, train_loss (mean over the last
+    evaluation interval), params, seconds_per_step (this session), steps, out, stopped_early, interrupted (by Ctrl-C). Writes
+    out/config.json, out/metrics.csv and out/checkpoint.pt. resume=True continues from out/checkpoint.pt, exactly
+    as if never stopped. stop_after=N pauses after step N (keeping the schedule of max_steps), like a Ctrl-C.
+    """
+    check_config(config)
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
+    out = pathlib.Path(config.out)
+    checkpoint_path = out / "checkpoint.pt"
+    if resume and not checkpoint_path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {checkpoint_path}; run without --resume to start")
+    rank, world, device = _distributed_setup(config)
+    try:
+        return _train(config, resume, progress and rank == 0, stop_after, rank, world, device, out, checkpoint_path)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(config, resume, progress, stop_after, rank, world, device, out, checkpoint_path):
+    torch.manual_seed(config.seed)
+    task = _Task(config, rank, world, device)
+    model = build_model(config, **task.model_sizes).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = _optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, config.warmup_steps, config.max_steps))
+    step, loss_sum, loss_steps, last_eval = 0, 0.0, 0, {"val_loss": None, task.metric: None, "train_loss": None}
+    if resume:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        _check_resumable(checkpoint["config"], config)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        task.load_state(checkpoint["data"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"].numel():
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        step, loss_sum, loss_steps = checkpoint["step"], checkpoint["loss_sum"], checkpoint["loss_steps"]
+        last_eval = checkpoint["last_eval"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        temporary = out / "config.json.tmp"
+        temporary.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        os.replace(temporary, out / "config.json")
+        _start_metrics(out / "metrics.csv", config.task, step if resume else None)
+    trained = model if world == 1 else torch.nn.parallel.DistributedDataParallel(model)
+    cuda = device.type == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
+    def save_checkpoint():
+        if rank == 0:
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "step": step, "config": dataclasses.asdict(config),
+                         "data": task.state(), "loss_sum": loss_sum, "loss_steps": loss_steps,
+                         "last_eval": last_eval,
+                         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda
+                                 else torch.zeros(0, dtype=torch.uint8)}}, checkpoint_path)
+
+    items_per_step = config.batch_size * (config.seq_len if config.task == "lm" else 1)
+    session_seconds, session_steps, interval_seconds, interval_steps = 0.0, 0, 0.0, 0
+    end = min(config.max_steps, stop_after or config.max_steps)
+    bar = tqdm(total=config.max_steps, initial=step, desc=f"{config.task} {config.attention}", unit="step",
+               disable=not progress)
+    with _StopOnInterrupt() as interrupt:
+        while step < end and not interrupt.requested:
+            started = time.perf_counter()
+            trained.train()
+            batch = task.train_batch()
+            lr = scheduler.get_last_lr()[0]
+            with autocast():
+                loss, _ = task.loss(trained, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_sum, loss_steps = loss_sum + loss.item(), loss_steps + 1
+            seconds = time.perf_counter() - started
+            session_seconds, session_steps = session_seconds + seconds, session_steps + 1
+            interval_seconds, interval_steps = interval_seconds + seconds, interval_steps + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if step % config.eval_every == 0 or step == config.max_steps:
+                train_loss = torch.tensor([loss_sum, loss_steps], dtype=torch.float64, device=device)
+                if world > 1:
+                    dist.all_reduce(train_loss)
+                train_loss = (train_loss[0] / train_loss[1]).item()
+                trained.eval()
+                val_loss, metric = task.evaluate(model, autocast)
+                last_eval = {"val_loss": val_loss, task.metric: metric, "train_loss": train_loss}
+                if rank == 0:
+                    with open(out / "metrics.csv", "a", newline="") as file:
+                        csv.writer(file).writerow([step, f"{train_loss:.8g}", f"{val_loss:.8g}", f"{metric:.8g}",
+                                                   f"{lr:.6g}", f"{items_per_step * interval_steps / interval_seconds:.1f}"])
+                bar.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}")
+                loss_sum, loss_steps, interval_seconds, interval_steps = 0.0, 0, 0.0, 0
+                save_checkpoint()
+        stopped_early = step < config.max_steps
+        if stopped_early:
+            save_checkpoint()
+    bar.close()
+    summary = {**last_eval, "params": params, "seconds_per_step": session_seconds / max(1, session_steps),
+               "steps": step, "out": str(out), "stopped_early": stopped_early, "interrupted": interrupt.requested}
+    if progress:
+        print(summary_line(summary), flush=True)
+    return summary
+
+
+def add_arguments(parser):
+    defaults = TrainConfig()
+    parser.add_argument("--config", choices=sorted(CONFIGS),
+                        help="start from a named config (the paper's full-scale settings); flags override it")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if field.name == "download":
+            parser.add_argument(flag, action="store_true", default=None, help="fetch missing dataset files")
+        elif field.name == "score_options":
+            parser.add_argument(flag, type=json.loads, metavar="JSON",
+                                help='more NeuralScore keyword arguments as JSON, e.g. \'{"activation": "gelu"}\'')
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if field.name in ("eval_batches", "image_size", "train_size", "proj_dim"):
+                kind = int
+            choices = {"task": TASKS, "attention": ATTENTIONS, "backend": BACKENDS}.get(field.name)
+            parser.add_argument(flag, type=kind, choices=choices, metavar=None if choices else field.name.upper(),
+                                help=f"default {default}" if field.name != "out" else
+                                "output folder (default runs/<task>-<dataset>-<attention>-seed<seed>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--stop-after", type=int, metavar="STEPS",
+                        help="pause after this many steps (schedule still for --max-steps); continue with --resume")
+
+
+def config_from_args(args):
+    """The TrainConfig the command line describes: a named config (or the defaults) with the flags given on top."""
+    base = CONFIGS[args.config] if args.config else TrainConfig()
+    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)
+             if getattr(args, field.name) is not None}
+    if "out" not in given and not args.config:
+        given["out"] = None  # recompute the default name from the other flags
+    return dataclasses.replace(base, **given)
+
+
+def main(args):
+    try:
+        config = config_from_args(args)
+        summary = train(config, resume=args.resume, stop_after=args.stop_after)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if summary["interrupted"]:
+        raise SystemExit(130)  # the shell's code for Ctrl-C; the checkpoint is saved
