@@ -19,6 +19,7 @@ import tempfile
 
 import numpy as np
 import torch
+from PIL import Image
 
 TEXT_DATASETS = {
     # name: (folder, files, archive URLs (mirrors), archive md5); the archives unpack to <root>/<folder>/
@@ -268,10 +269,15 @@ def _folder_fingerprint(folder):
     return digest.hexdigest()[:16]
 
 
+def _read_image(path):
+    """One image file as uint8 (C, H, W): grayscale stays one channel, every other mode becomes RGB."""
+    with Image.open(path) as image:
+        pixels = torch.from_numpy(np.array(image if image.mode in ("L", "RGB") else image.convert("RGB")))
+    return pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)  # (C, H, W)
+
+
 def _decode_image_folder(folder):
     """Read folder/{train,test}/<class>/* (ImageFolder layout, classes sorted by name) into uint8 tensors."""
-    from torchvision.io import decode_image, read_file
-
     classes = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
     arrays = {"classes": classes}
     for split in ("train", "test"):
@@ -283,7 +289,7 @@ def _decode_image_folder(folder):
                  for path in sorted((folder / split / name).iterdir()) if path.is_file()]
         if not files:
             raise FileNotFoundError(f"no image files under {folder / split}/<class>/")
-        images = [decode_image(read_file(str(path))) for path, _ in files]  # (C, H, W) each
+        images = [_read_image(path) for path, _ in files]  # (C, H, W) each
         shapes = {tuple(image.shape) for image in images}
         if len(shapes) > 1:
             raise ValueError(f"images under {folder / split} differ in shape: {sorted(shapes)}")
