@@ -171,8 +171,8 @@ def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta,
     d_b2 = tl.zeros([H2P], dtype=tl.float32)
     d_w3 = tl.zeros([H2P], dtype=tl.float32)
     d_b3 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    start_m0 = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0  # earlier queries never see these keys
-    for start_m in range(start_m0, L, BLOCK_M):
+    first_m = start_n * BLOCK_N if IS_CAUSAL else 0  # causal: earlier queries never see these keys
+    for start_m in range(first_m, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         query_rows = offs_m[:, None] < L
         a = tl.load(A + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_am
