@@ -20,6 +20,7 @@ Caution: tested so far only in Triton's CPU interpreter (TRITON_INTERPRET=1, fp3
 bf16 matmul is wrong, so bf16 is untested); no GPU run yet, the block sizes are untuned guesses, and a float
 attn_mask gets no gradient.
 """
+import math
 import os
 
 import torch
@@ -354,7 +355,7 @@ def _check_supported(q, v, score, attn_mask):
 def _as_batch_heads(t, batch, tail):
     """t broadcast to (*batch, *tail) and viewed as (B, H, *tail): leading batch dims merged, no copy when 4-d."""
     heads = batch[-1] if batch else 1
-    return t.expand(*batch, *tail).reshape(-1, heads, *tail)  # (B, H, *tail)
+    return t.expand(*batch, *tail).reshape(math.prod(batch[:-1]), heads, *tail)  # (B, H, *tail)
 
 
 def triton_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, block_m=None, block_n=None):
