@@ -11,10 +11,11 @@ import math
 
 import torch
 
+from .chunked import chunked_neural_attention
 from .masks import attention_bias, masked_softmax
 from .scores import NeuralScore
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "chunked")
 
 
 def _check_inputs(q, k, v, attn_mask):
@@ -77,7 +78,7 @@ def reference_neural_attention(q, k, v, score, attn_mask=None, is_causal=False):
     return _weights(score.logits(q, k), attn_mask, is_causal) @ v  # (..., L, Ev)
 
 
-_IMPLEMENTATIONS = {"reference": reference_neural_attention}
+_IMPLEMENTATIONS = {"reference": reference_neural_attention, "chunked": chunked_neural_attention}
 
 
 def resolve_backend(backend, q):
@@ -85,7 +86,7 @@ def resolve_backend(backend, q):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "reference"
+        return "chunked"  # on every device until a fused kernel exists
     return backend
 
 
@@ -93,8 +94,9 @@ def neural_attention(q, k, v, score, attn_mask=None, is_causal=False, backend="a
     """softmax(s(q_i, k_j) + mask) v with s a NeuralScore (DiGiugno & Mahmood 2025, Eq. 3-5).
 
     q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev); the same masks as dot_product_attention.
-    backend: "reference" materializes the (..., L, S, 2P) pair tensor as the paper does; "auto" picks the
-    best backend available for q's device.
+    backend: "reference" materializes the (..., L, S, 2P) pair tensor as the paper does; "chunked" walks key
+    blocks with an online softmax in O(L + S) memory (minina.chunked); "auto" picks the best backend available
+    for q's device.
     """
     _check_inputs(q, k, v, attn_mask)
     _check_score(score, q)
