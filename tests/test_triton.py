@@ -89,7 +89,7 @@ def test_matches_reference(L, S, is_causal, mask_kind):
     (64, {}, (None, None)),  # the paper: d' = 2, MLP 4 -> 2 -> 1 -> 1, the default launch configuration
     (32, {"proj_dim": 16}, (16, 16)),  # d' = 16, MLP 32 -> 16 -> 8 -> 1, the widest paper shape
     (16, {"proj_dim": 4, "hidden": (6, 3), "activation": "gelu"}, (16, 32)),  # widths not powers of two
-    (16, {"proj_dim": 4}, (32, 16)),
+    (16, {"proj_dim": 4, "learn_scale": True}, (32, 16)),  # logit_scale folded into the last layer by split()
 ])
 def test_score_shapes_activations_and_blocks(head_dim, options, blocks):
     score = lively_score(head_dim, **options)
