@@ -6,6 +6,8 @@ import torch.nn as nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 INITS = ("paper", "kaiming")
+# The options `python -m minina study-learnability` recommends: NeuralScore(head_dim, **RELIABLE_SCORE_OPTIONS).
+RELIABLE_SCORE_OPTIONS = {"init": "kaiming", "learn_scale": True}
 
 
 def default_proj_dim(head_dim):

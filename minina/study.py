@@ -56,7 +56,7 @@ def _read_csv(path):
     return rows
 
 
-def run_study(tasks=tuple(TASKS), variants=tuple(VARIANTS), seeds=10, steps=2000, num_keys=8, proj_dim=8,
+def run_study(tasks=tuple(TASKS), variants=tuple(VARIANTS), seeds=10, steps=1500, num_keys=8, proj_dim=8,
               csv_path=None, workers=2, progress=True):
     """Train every (task, variant, seed); returns the rows (dicts with FIELDS).
 
@@ -68,7 +68,8 @@ def run_study(tasks=tuple(TASKS), variants=tuple(VARIANTS), seeds=10, steps=2000
         raise ValueError(f"unknown tasks/variants {unknown}; tasks: {sorted(TASKS)}, variants: {list(VARIANTS)}")
     if seeds < 1 or steps < CURVE_EVERY or workers < 1:
         raise ValueError(f"need seeds >= 1, steps >= {CURVE_EVERY}, workers >= 1; got {seeds}, {steps}, {workers}")
-    jobs = [(t, v, s, steps, num_keys, proj_dim) for t in tasks for v in variants for s in range(seeds)]
+    # seeds outermost, so an interrupted study holds the same seeds for every task and variant
+    jobs = [(t, v, s, steps, num_keys, proj_dim) for s in range(seeds) for t in tasks for v in variants]
     done = {}
     if csv_path is not None and Path(csv_path).exists():
         for row in _read_csv(csv_path):
@@ -182,7 +183,7 @@ def plot_study(rows, summary, path):
 
 def add_arguments(parser):
     parser.add_argument("--seeds", type=int, default=10, help="seeds per task and variant (default 10)")
-    parser.add_argument("--steps", type=int, default=2000, help="Adam steps per run (default 2000)")
+    parser.add_argument("--steps", type=int, default=1500, help="Adam steps per run (default 1500)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="probe tasks (default all)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="score variants (default all); 'dot' is the dot-product baseline")

@@ -1,0 +1,141 @@
+"""NeuralScore's opt-in training options do what they claim, and the defaults stay the paper's."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import minina
+from minina.scores import RELIABLE_SCORE_OPTIONS, NeuralScore
+
+
+def paper_layers(head_dim, proj_dim):
+    """Independent reference: the paper's layers built by hand in NeuralScore's order, PyTorch's default init."""
+    q_proj, k_proj = nn.Linear(head_dim, proj_dim), nn.Linear(head_dim, proj_dim)
+    mlp = [nn.Linear(2 * proj_dim, proj_dim), nn.Linear(proj_dim, proj_dim // 2), nn.Linear(proj_dim // 2, 1)]
+    return q_proj, k_proj, mlp
+
+
+def pair_logits(score, q, k, scale=1.0):
+    """Independent reference: score every pair with the MLP written out, times an output scale."""
+    a, b = score.q_proj(q), score.k_proj(k)  # (L, P), (S, P)
+    x = torch.cat([a[:, None].expand(-1, k.shape[0], -1), b[None].expand(q.shape[0], -1, -1)], -1)  # (L, S, 2P)
+    first, *rest = score.linears()
+    x = first(x)
+    for layer in rest:
+        x = layer(torch.relu(x))
+    return x.squeeze(-1) * scale  # (L, S)
+
+
+def split_logits(score, q, k):
+    """Rebuild the logits from split(), as a backend that never builds the pair tensor would."""
+    A, Bk, rest = score.split(q, k)  # (L, h1), (S, h1), [(weight, bias), ...]
+    x = A[:, None, :] + Bk[None, :, :]  # (L, S, h1)
+    for weight, bias in rest:
+        x = torch.relu(x) @ weight.T + bias
+    return x.squeeze(-1)  # (L, S)
+
+
+def test_default_is_the_paper_init():
+    torch.manual_seed(3)
+    score = NeuralScore(64, 8)
+    torch.manual_seed(3)
+    q_proj, k_proj, mlp = paper_layers(64, 8)
+    for mine, ref in zip([score.q_proj, score.k_proj, *score.linears()], [q_proj, k_proj, *mlp]):
+        assert torch.equal(mine.weight, ref.weight) and torch.equal(mine.bias, ref.bias)
+    assert not hasattr(score, "logit_scale") and score.init == "paper" and not score.learn_scale
+    assert sorted(n for n, _ in score.named_parameters()) == sorted(
+        ["q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "mlp.0.weight", "mlp.0.bias",
+         "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias"])
+
+
+def test_kaiming_init_statistics():
+    torch.manual_seed(0)
+    score = NeuralScore(64, proj_dim=512, init="kaiming")
+    for layer in score.linears():
+        assert torch.count_nonzero(layer.bias) == 0
+    first = score.linears()[0]  # (512, 1024): enough weights for a tight estimate
+    assert first.weight.mean().abs() < 0.01 * math.sqrt(2 / 1024)
+    assert first.weight.std().item() == pytest.approx(math.sqrt(2 / 1024), rel=0.01)
+    bound = 1 / math.sqrt(1024)  # PyTorch's default is uniform on +-1/sqrt(fan_in): std bound/sqrt(3)
+    paper = NeuralScore(64, proj_dim=512).linears()[0].weight
+    assert paper.abs().max() <= bound and first.weight.abs().max() > 3 * bound
+
+
+def test_kaiming_leaves_projections_as_the_paper():
+    torch.manual_seed(5)
+    kaiming = NeuralScore(32, 4, init="kaiming")
+    torch.manual_seed(5)
+    paper = NeuralScore(32, 4)
+    assert torch.equal(kaiming.q_proj.weight, paper.q_proj.weight)
+    assert torch.equal(kaiming.k_proj.bias, paper.k_proj.bias)
+    assert not torch.equal(kaiming.linears()[0].weight, paper.linears()[0].weight)
+
+
+@pytest.mark.parametrize("scale_init", [None, 2.5])
+def test_learn_scale_multiplies_the_logit(scale_init):
+    torch.manual_seed(1)
+    score = NeuralScore(16, 4, learn_scale=True, scale_init=scale_init)
+    torch.manual_seed(1)
+    paper = NeuralScore(16, 4)
+    expected_scale = 5.0 if scale_init is None else scale_init
+    assert isinstance(score.logit_scale, nn.Parameter) and score.logit_scale.requires_grad
+    assert score.logit_scale.item() == expected_scale
+    q, k = torch.randn(5, 16), torch.randn(7, 16)
+    unscaled = pair_logits(paper, q, k)
+    torch.testing.assert_close(score.logits(q, k), unscaled * expected_scale)
+    score.logits(q, k).sum().backward()
+    torch.testing.assert_close(score.logit_scale.grad, unscaled.sum().detach())  # d(s * f)/ds = f
+
+
+@pytest.mark.parametrize("options", [{}, {"learn_scale": True}, {"init": "kaiming"},
+                                     {"init": "kaiming", "learn_scale": True, "scale_init": 3.0}])
+def test_split_matches_logits_and_gradients(options):
+    score = NeuralScore(16, 4, **options)
+    if score.learn_scale:
+        with torch.no_grad():
+            score.logit_scale.fill_(0.7)  # away from the initial value, so a missing fold would show
+    q, k = torch.randn(5, 16), torch.randn(7, 16)
+    torch.testing.assert_close(split_logits(score, q, k), pair_logits(score, q, k, getattr(score, "logit_scale", 1)))
+    torch.testing.assert_close(split_logits(score, q, k), score.logits(q, k))
+    weights = torch.randn(5, 7)
+    grads_split = torch.autograd.grad((split_logits(score, q, k) * weights).sum(), list(score.parameters()))
+    grads_pairs = torch.autograd.grad((score.logits(q, k) * weights).sum(), list(score.parameters()))
+    for a, b in zip(grads_split, grads_pairs):
+        torch.testing.assert_close(a, b)
+
+
+def test_options_pass_through_models():
+    lm = minina.TransformerLM(vocab_size=11, dim=32, depth=2, heads=2, max_seq_len=8, attention="neural",
+                              score_options={"init": "kaiming", "learn_scale": True})
+    scores = [m for m in lm.modules() if isinstance(m, NeuralScore)]
+    assert len(scores) == 2 and all(s.learn_scale and s.init == "kaiming" for s in scores)
+    lm.loss(torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8))).backward()
+    assert all(s.logit_scale.grad is not None for s in scores)
+
+
+def test_reliable_options_build_a_score():
+    score = NeuralScore(64, **RELIABLE_SCORE_OPTIONS)
+    assert "learn_scale" in RELIABLE_SCORE_OPTIONS or "init" in RELIABLE_SCORE_OPTIONS
+    assert score.logits(torch.randn(3, 64), torch.randn(4, 64)).shape == (3, 4)
+
+
+def test_repr_names_the_options():
+    assert "init" not in repr(NeuralScore(64)) and "learn_scale" not in repr(NeuralScore(64))
+    assert "init='kaiming', learn_scale=True" in repr(NeuralScore(64, init="kaiming", learn_scale=True))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"init": "xavier"}, ValueError, "init must be one of"),
+    ({"learn_scale": 1}, TypeError, "learn_scale must be a bool"),
+    ({"scale_init": 5.0}, ValueError, "scale_init applies only with learn_scale=True"),
+    ({"learn_scale": True, "scale_init": 0.0}, ValueError, "scale_init must be a positive finite number"),
+    ({"learn_scale": True, "scale_init": -1}, ValueError, "scale_init must be a positive finite number"),
+    ({"learn_scale": True, "scale_init": math.inf}, ValueError, "scale_init must be a positive finite number"),
+    ({"learn_scale": True, "scale_init": math.nan}, ValueError, "scale_init must be a positive finite number"),
+    ({"learn_scale": True, "scale_init": True}, ValueError, "scale_init must be a positive finite number"),
+    ({"learn_scale": True, "scale_init": "5"}, ValueError, "scale_init must be a positive finite number"),
+])
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NeuralScore(64, **kwargs)
