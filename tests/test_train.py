@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import minina.train as train_module
+from minina.__main__ import main as cli
 from minina.data import lm_eval_batches, load_images, load_text
 from minina.train import CONFIGS, TrainConfig, build_model, check_config, learning_rate_factor, train
 
@@ -271,25 +273,25 @@ def test_torchrun_with_two_cpu_processes_equals_one_process(lm_run, tmp_path):
 
 
 @needs_data
-def test_cli_pauses_resumes_and_prints_a_summary(lm_run, tmp_path):
+def test_cli_pauses_resumes_and_prints_a_summary(lm_run, tmp_path, capsys):
     _, out = lm_run
-    flags = ["-m", "minina", "train", "--dim", "32", "--depth", "2", "--heads", "2", "--seq-len", "32",
-             "--batch-size", "8", "--lr", "3e-3", "--max-steps", "40", "--warmup-steps", "5", "--eval-every", "10",
-             "--eval-batches", "4", "--out", str(tmp_path)]
-    paused = run_cli(*flags, "--stop-after", "20")
-    assert paused.returncode == 0, paused.stderr[-3000:]
-    assert "paused, continue with --resume; step 20" in paused.stdout
-    resumed = run_cli(*flags, "--resume")
+    flags = ["train", "--dim", "32", "--depth", "2", "--heads", "2", "--seq-len", "32", "--batch-size", "8",
+             "--lr", "3e-3", "--max-steps", "40", "--warmup-steps", "5", "--eval-every", "10", "--eval-batches", "4",
+             "--out", str(tmp_path)]
+    cli([*flags, "--stop-after", "20"])  # in this process: quicker
+    assert "paused, continue with --resume; step 20" in capsys.readouterr().out
+    resumed = run_cli("-m", "minina", *flags, "--resume")  # as a user runs it
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.strip().splitlines()[-1].startswith("step 40: val_loss")
     assert loss_rows(tmp_path) == loss_rows(out)
 
 
-def test_cli_errors_are_one_line_messages(tmp_path):
-    bad_json = run_cli("-m", "minina", "train", "--score-options", "{init: kaiming}")
-    assert bad_json.returncode == 2 and "--score-options" in bad_json.stderr
-    unknown = run_cli("-m", "minina", "train", "--dataset", "ptb", "--out", str(tmp_path))
-    assert unknown.returncode == 1 and "error: dataset for task 'lm' must be one of" in unknown.stderr
-    missing = run_cli("-m", "minina", "train", "--out", str(tmp_path), env={"MININA_DATA": str(tmp_path)})
-    assert missing.returncode == 1 and str(tmp_path / "tinyshakespeare") in missing.stderr
-    assert "Traceback" not in unknown.stderr + missing.stderr
+def test_cli_errors_are_one_line_messages(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as bad_json:
+        cli(["train", "--score-options", "{init: kaiming}"])
+    assert bad_json.value.code == 2 and "--score-options" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^error: dataset for task 'lm' must be one of"):
+        cli(["train", "--dataset", "ptb", "--out", str(tmp_path)])
+    monkeypatch.setenv("MININA_DATA", str(tmp_path))
+    with pytest.raises(SystemExit, match="^error: tinyshakespeare: input.txt not found in " + re.escape(str(tmp_path))):
+        cli(["train", "--out", str(tmp_path)])
