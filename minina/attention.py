@@ -7,6 +7,7 @@ combined with attn_mask, and then a key must pass both.
 A query row with no key it may attend to gets zero attention weights and so a zero output (SDPA's math path
 would give NaN there).
 """
+import functools
 import math
 
 import torch
@@ -15,7 +16,7 @@ from .chunked import chunked_neural_attention
 from .masks import attention_bias, masked_softmax
 from .scores import NeuralScore
 
-BACKENDS = ("auto", "reference", "chunked")
+BACKENDS = ("auto", "reference", "chunked", "triton")
 
 
 def _check_inputs(q, k, v, attn_mask):
@@ -78,15 +79,42 @@ def reference_neural_attention(q, k, v, score, attn_mask=None, is_causal=False):
     return _weights(score.logits(q, k), attn_mask, is_causal) @ v  # (..., L, Ev)
 
 
-_IMPLEMENTATIONS = {"reference": reference_neural_attention, "chunked": chunked_neural_attention}
+def triton_neural_attention(q, k, v, score, attn_mask=None, is_causal=False):
+    """The fused Triton kernels (minina.triton_kernels), imported only when used so minina works without triton."""
+    try:
+        from .triton_kernels import triton_neural_attention as fused
+    except ImportError as error:
+        raise ImportError(f"backend='triton' needs the triton package ({error}); install it (it comes with CUDA "
+                          "builds of torch) or use backend='chunked'") from error
+    return fused(q, k, v, score, attn_mask, is_causal)
 
 
-def resolve_backend(backend, q):
-    """The concrete backend name that `backend` means for tensors like q ("auto" picks the best available)."""
+_IMPLEMENTATIONS = {"reference": reference_neural_attention, "chunked": chunked_neural_attention,
+                    "triton": triton_neural_attention}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_imports():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend, q, v=None, score=None, attn_mask=None):
+    """The concrete backend name that `backend` means for tensors like q ("auto" picks the best available).
+
+    "auto" is "triton" for CUDA tensors when triton imports and, if v and score are given, the kernels support
+    them (minina.triton_kernels.supports); "chunked" otherwise.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "chunked"  # on every device until a fused kernel exists
+        if q.device.type != "cuda" or not _triton_imports():
+            return "chunked"
+        from .triton_kernels import supports
+        return "triton" if v is None or score is None or supports(q, v, score, attn_mask) else "chunked"
     return backend
 
 
@@ -95,12 +123,12 @@ def neural_attention(q, k, v, score, attn_mask=None, is_causal=False, backend="a
 
     q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev); the same masks as dot_product_attention.
     backend: "reference" materializes the (..., L, S, 2P) pair tensor as the paper does; "chunked" walks key
-    blocks with an online softmax in O(L + S) memory (minina.chunked); "auto" picks the best backend available
-    for q's device.
+    blocks with an online softmax in O(L + S) memory (minina.chunked); "triton" runs the same algorithm as fused
+    GPU kernels (minina.triton_kernels); "auto" picks the best backend available for q's device.
     """
     _check_inputs(q, k, v, attn_mask)
     _check_score(score, q)
-    implementation = _IMPLEMENTATIONS[resolve_backend(backend, q)]
+    implementation = _IMPLEMENTATIONS[resolve_backend(backend, q, v, score, attn_mask)]
     return implementation(q, k, v, score, attn_mask, is_causal)
 
 

@@ -352,6 +352,15 @@ def _check_supported(q, v, score, attn_mask):
                          "require grad, or use backend='chunked'")
 
 
+def supports(q, v, score, attn_mask=None):
+    """Whether the kernels take these inputs (their device, dtype, score MLP shape, value size and mask)."""
+    try:
+        _check_supported(q, v, score, attn_mask)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _as_batch_heads(t, batch, tail):
     """t broadcast to (*batch, *tail) and viewed as (B, H, *tail): leading batch dims merged, no copy when 4-d."""
     heads = batch[-1] if batch else 1

@@ -6,11 +6,13 @@ exercised in a few seconds per case. With a GPU the same grid runs on CUDA.
 """
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from minina import NeuralScore, neural_attention
+from minina import MultiHeadAttention, NeuralScore, neural_attention, resolve_backend
 
 pytest.importorskip("triton", reason="backend='triton' needs the triton package")
 from minina.triton_kernels import triton_neural_attention  # noqa: E402
@@ -174,3 +176,43 @@ def test_cpu_tensors_without_the_interpreter_raise(monkeypatch):
     q = torch.randn(4, 8)
     with pytest.raises(ValueError, match="CUDA tensors, got q on cpu"):
         triton_neural_attention(q, q, q, NeuralScore(8))
+
+
+def test_backend_triton_in_neural_attention_and_modules():
+    score = lively_score(8, proj_dim=2)
+    q, k, v = (torch.randn(2, 2, n, 8, device=DEVICE) for n in (9, 12, 12))
+    torch.testing.assert_close(neural_attention(q, k, v, score, is_causal=True, backend="triton"),
+                               neural_attention(q, k, v, score, is_causal=True, backend="reference"))
+    mha = MultiHeadAttention(16, heads=2, kind="neural", causal=True, backend="triton").to(DEVICE)
+    x = torch.randn(2, 9, 16, device=DEVICE)
+    reference = copy.deepcopy(mha)
+    reference.backend = "reference"
+    torch.testing.assert_close(mha(x), reference(x))
+
+
+def test_auto_uses_triton_for_supported_cuda_inputs_only():
+    score = NeuralScore(8).to(DEVICE)
+    q = torch.randn(4, 8, device=DEVICE)
+    if DEVICE == "cpu":
+        assert resolve_backend("auto", q, q, score) == "chunked"  # even with the interpreter on
+        pytest.skip("auto picks triton on CUDA only; no GPU here")
+    assert resolve_backend("auto", q, q, score) == "triton"
+    assert resolve_backend("auto", q.double(), q.double(), score.double()) == "chunked"
+    assert resolve_backend("auto", q, q, NeuralScore(8, hidden=(4, 4, 4)).to(DEVICE)) == "chunked"
+
+
+def test_missing_triton_gives_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "minina.triton_kernels", None)  # what importing without triton looks like
+    q = torch.randn(4, 8)
+    with pytest.raises(ImportError, match="backend='triton' needs the triton package"):
+        neural_attention(q, q, q, NeuralScore(8), backend="triton")
+
+
+def test_minina_imports_and_runs_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, minina\n"
+            "q = torch.randn(3, 8)\n"
+            "print(minina.neural_attention(q, q, q, minina.NeuralScore(8)).shape)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch.Size([3, 8])"
