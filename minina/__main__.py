@@ -7,6 +7,7 @@ COMMANDS = {
     "demo": "minina.demo",
     "study-learnability": "minina.study",
     "train": "minina.train",
+    "bench": "minina.bench",
 }
 
 
