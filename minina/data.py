@@ -10,6 +10,7 @@ Fashion-MNIST or any ImageFolder tree. Files are looked for under `data_root()`:
     <root>/cifar100/cifar-100-python/
     <root>/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
 """
+import array
 import dataclasses
 import gzip
 import hashlib
@@ -145,10 +146,17 @@ class TextCorpus:
         return ("" if self.level == "char" else " ").join(tokens)
 
 
-def _read_words(path):
-    """Each line's words plus "<eos>", as PyTorch's word_language_model example reads WikiText."""
+def _word_ids(path, index, grow):
+    """Ids of each line's words plus "<eos>" (as PyTorch's word_language_model reads WikiText), streamed so that
+    WikiText-103 fits in memory; grow=True adds new words to index, else they become "<unk>"."""
+    ids = array.array("q")
+    unk = index.get("<unk>")
     with open(path, encoding="utf-8") as file:
-        return [word for line in file for word in line.split() + ["<eos>"]]
+        for line in file:
+            words = line.split() + ["<eos>"]
+            ids.extend([index.setdefault(word, len(index)) for word in words] if grow
+                       else [index.get(word, unk) for word in words])
+    return torch.frombuffer(ids, dtype=torch.long).clone()
 
 
 def load_text(name, root=None, download=False):
@@ -174,12 +182,10 @@ def load_text(name, root=None, download=False):
         ids = torch.tensor([index[c] for c in text], dtype=torch.long)
         split = int(0.9 * len(ids))
         return TextCorpus(name, "char", vocab, ids[:split], ids[split:], ids[split:])
-    splits = [_read_words(folder / f) for f in files]
-    vocab = list(dict.fromkeys(splits[0]))  # first-appearance order
-    index = {word: i for i, word in enumerate(vocab)}
-    unk = index.get("<unk>")
-    train, val, test = (torch.tensor([index.get(word, unk) for word in words], dtype=torch.long) for words in splits)
-    return TextCorpus(name, "word", vocab, train, val, test)
+    index = {}
+    train = _word_ids(folder / files[0], index, grow=True)  # the vocabulary in order of first appearance
+    val, test = (_word_ids(folder / f, index, grow=False) for f in files[1:])
+    return TextCorpus(name, "word", list(index), train, val, test)
 
 
 def _check_tokens(tokens, seq_len):

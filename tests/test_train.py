@@ -293,5 +293,6 @@ def test_cli_errors_are_one_line_messages(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="^error: dataset for task 'lm' must be one of"):
         cli(["train", "--dataset", "ptb", "--out", str(tmp_path)])
     monkeypatch.setenv("MININA_DATA", str(tmp_path))
-    with pytest.raises(SystemExit, match="^error: tinyshakespeare: input.txt not found in " + re.escape(str(tmp_path))):
+    expected = "^error: tinyshakespeare: input.txt not found in " + re.escape(str(tmp_path))
+    with pytest.raises(SystemExit, match=expected):
         cli(["train", "--out", str(tmp_path)])
