@@ -222,17 +222,19 @@ def plot(rows, path):
     for backend in dict.fromkeys(row["backend"] for row in rows):
         own = [row for row in rows if row["backend"] == backend]
         ns = [row["n"] for row in own]
-        time_axis.loglog(ns, [row["time_s"] for row in own], "o-", label=backend, base=2)
-        memory_axis.loglog(ns, [max(row["peak_mib"], 1e-2) for row in own], "o-", label=backend, base=2)
+        time_axis.plot(ns, [row["time_s"] for row in own], "o-", label=backend)
+        memory_axis.plot(ns, [max(row["peak_mib"], 1e-2) for row in own], "o-", label=backend)  # log needs > 0
     first = rows[0]
     for axis, label in ((time_axis, "forward + backward time (s)"), (memory_axis, "peak extra memory (MiB)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
         axis.set_xlabel("sequence length N")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     figure.suptitle(f"B={first['batch']}, H={first['heads']}, head_dim={first['head_dim']}, d'={first['proj_dim']}, "
                     f"{'causal' if first['causal'] else 'full'}, {first['dtype']}, {first['device']}, "
-                    f"{first['threads']} threads")
+                    f"{first['threads']} CPU thread(s)")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +271,7 @@ def main(args):
     plot(rows, out / "bench.png")
     first = rows[0]
     print(f"\nOne forward+backward, B={args.batch}, H={args.heads}, head_dim={args.head_dim}, d'={args.proj_dim}, "
-          f"{'causal' if args.causal else 'full'}, {args.dtype}, {first['device']}, {first['threads']} threads; "
+          f"{'causal' if args.causal else 'full'}, {args.dtype}, {first['device']}, {first['threads']} CPU thread(s); "
           "each case in a fresh process (method: python -c 'import minina.bench; help(minina.bench)').\n")
     print(format_table(rows))
     print("\n" + "\n".join(summarize(rows)))

@@ -1,0 +1,58 @@
+"""The benchmark: its memory method sees torch's CPU allocations, its rows and ratios, its CLI and its errors."""
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from minina import bench
+
+
+def test_peak_memory_sees_the_reference_pair_tensor():
+    case = dict(n=512, heads=2, head_dim=64, proj_dim=2, causal=False, repeats=0, threads=1)
+    reference = bench.measure_in_fresh_process(backend="reference", **case)
+    chunked = bench.measure_in_fresh_process(backend="chunked", **case)
+    pair_tensor_mib = 2 * 512 * 512 * (2 * 2) * 4 / 2 ** 20  # (B, H, N, N, 2P) float32, built in the forward
+    assert reference["peak_mib"] >= pair_tensor_mib
+    assert chunked["peak_mib"] < reference["peak_mib"] / 2
+    assert reference["time_s"] > 0 and chunked["time_s"] > 0
+
+
+def test_cli_writes_table_csv_and_plot(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "minina", "bench", "--ns", "32", "64", "--heads", "2",
+                             "--repeats", "1", "--threads", "1", "--reference-max-n", "32", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "bench.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["backend"], row["n"]) for row in rows] == [
+        ("sdpa", "32"), ("reference", "32"), ("chunked", "32"), ("sdpa", "64"), ("chunked", "64")]
+    sdpa = {row["n"]: row for row in rows if row["backend"] == "sdpa"}
+    for row in rows:
+        expected = float(row["time_s"]) / float(sdpa[row["n"]]["time_s"])
+        assert float(row["time_vs_sdpa"]) == pytest.approx(expected)
+        assert f"| {row['backend']} | {row['n']} | {1000 * float(row['time_s']):.1f} |" in result.stdout
+    assert "chunked: peak memory x" in result.stdout and "at N=32: chunked uses" in result.stdout
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_and_ratios_from_rows():
+    rows = [{"backend": b, "n": n, "time_s": t, "peak_mib": m} for b, n, t, m in [
+        ("reference", 8, 2.0, 40.0), ("chunked", 8, 1.0, 4.0), ("chunked", 16, 3.0, 9.0)]]
+    assert bench.summarize(rows) == [
+        "at N=8: chunked uses 10.0x less memory than the reference and takes 0.50x its time",
+        "chunked: peak memory x2.25, time x3.00 from N=8 to N=16"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(ns=[]), "ns must be a non-empty list"), (dict(ns=[0]), "ns must be"),
+    (dict(ns=[8], backends=["flash"]), r"backends must be names from .*\['flash'\]"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bench.benchmark(**kwargs)
+
+
+def test_failed_case_reports_its_error():
+    with pytest.raises(RuntimeError, match="(?s)benchmark case.*failed.*float3"):
+        bench.measure_in_fresh_process(backend="sdpa", n=8, dtype="float3")
