@@ -269,32 +269,32 @@ def _distributed_setup(config):
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
-    world = dist.get_world_size()
-    if config.batch_size % world:
-        raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world})")
-    return dist.get_rank(), world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
 class _StopOnInterrupt:
-    """While active, the first Ctrl-C (SIGINT) only sets .requested, so the loop can stop at a step boundary."""
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) only sets .requested, so the loop
+    can stop at a step boundary; a second one acts as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested, self.previous = False, None
+        self.requested, self.previous = False, {}
 
     def __enter__(self):
         try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self.previous = None
+            self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        except ValueError:  # not the main thread: leave the signals alone
+            self.previous = {}
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
-        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C interrupts at once
+        signal.signal(signum, self.previous[signum])
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def _metrics_header(task):
@@ -351,6 +351,9 @@ def train(config, resume=False, progress=True, stop_after=None):
         raise FileNotFoundError(f"resume: no checkpoint at {checkpoint_path}; run without --resume to start")
     rank, world, device = _distributed_setup(config)
     try:
+        if config.batch_size % world:
+            raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes "
+                             f"({world})")
         return _train(config, resume, progress and rank == 0, stop_after, rank, world, device, out, checkpoint_path)
     finally:
         if world > 1:
@@ -384,7 +387,8 @@ def _train(config, resume, progress, stop_after, rank, world, device, out, check
         temporary.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
         os.replace(temporary, out / "config.json")
         _start_metrics(out / "metrics.csv", config.task, step if resume else None)
-    trained = model if world == 1 else torch.nn.parallel.DistributedDataParallel(model)
+    trained = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     cuda = device.type == "cuda"
 
     def autocast():
@@ -404,8 +408,15 @@ def _train(config, resume, progress, stop_after, rank, world, device, out, check
     end = min(config.max_steps, stop_after or config.max_steps)
     bar = tqdm(total=config.max_steps, initial=step, desc=f"{config.task} {config.attention}", unit="step",
                disable=not progress)
+    def stop_requested():  # on any process: all must stop after the same step
+        if world == 1:
+            return interrupt.requested
+        flag = torch.tensor([float(interrupt.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     with _StopOnInterrupt() as interrupt:
-        while step < end and not interrupt.requested:
+        while step < end and not stop_requested():
             started = time.perf_counter()
             trained.train()
             batch = task.train_batch()
@@ -445,7 +456,8 @@ def _train(config, resume, progress, stop_after, rank, world, device, out, check
             save_checkpoint()
     bar.close()
     summary = {**last_eval, "params": params, "seconds_per_step": session_seconds / max(1, session_steps),
-               "steps": step, "out": str(out), "stopped_early": stopped_early, "interrupted": interrupt.requested}
+               "steps": step, "out": str(out), "stopped_early": stopped_early,
+               "interrupted": stopped_early and step < end}
     if progress:
         print(summary_line(summary), flush=True)
     return summary

@@ -97,10 +97,11 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(lm_run, tmp_path, m
         return original(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "lm_batches", interrupting)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     stopped = train(tiny_lm(tmp_path), progress=False)
     assert stopped["interrupted"] and stopped["steps"] == 13
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 13
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert handlers == {number: signal.getsignal(number) for number in handlers}  # handlers restored
     monkeypatch.setattr(train_module, "lm_batches", original)
     train(tiny_lm(tmp_path), resume=True, progress=False)
     assert loss_rows(tmp_path) == loss_rows(out)
