@@ -324,13 +324,15 @@ def _check_resumable(saved, config):
 
 def summary_line(summary):
     """One line that says how a run ended."""
-    metric = (f"perplexity {summary['perplexity']:.2f}" if "perplexity" in summary
-              else f"accuracy {100 * summary['accuracy']:.1f}%")
-    val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
-    metric = metric if summary["val_loss"] is not None else "not evaluated yet"
+    if summary["val_loss"] is None:
+        evaluation = "not evaluated yet"
+    elif "perplexity" in summary:
+        evaluation = f"val_loss {summary['val_loss']:.4f}, perplexity {summary['perplexity']:.2f}"
+    else:
+        evaluation = f"val_loss {summary['val_loss']:.4f}, accuracy {100 * summary['accuracy']:.1f}%"
     state = ("interrupted; " if summary["interrupted"] else "") + (
         "paused, continue with --resume; " if summary["stopped_early"] else "")
-    return (f"{state}step {summary['steps']}: val_loss {val}, {metric}, {summary['params']:,} parameters, "
+    return (f"{state}step {summary['steps']}: {evaluation}, {summary['params']:,} parameters, "
             f"{summary['seconds_per_step']:.3f} s/step -> {summary['out']}")
 
 
@@ -338,9 +340,10 @@ def train(config, resume=False, progress=True, stop_after=None):
     """Train as config says; returns a summary dict.
 
     Summary: val_loss, perplexity (lm) or accuracy (vit) of the last evaluation, train_loss (mean over the last
-    evaluation interval), params, seconds_per_step (this session), steps, out, stopped_early, interrupted (by Ctrl-C). Writes
-    out/config.json, out/metrics.csv and out/checkpoint.pt. resume=True continues from out/checkpoint.pt, exactly
-    as if never stopped. stop_after=N pauses after step N (keeping the schedule of max_steps), like a Ctrl-C.
+    evaluation interval), params, seconds_per_step (this session), steps, out, stopped_early, interrupted (by
+    Ctrl-C or SIGTERM). Writes out/config.json, out/metrics.csv and out/checkpoint.pt. resume=True continues from
+    out/checkpoint.pt exactly as if never stopped. stop_after=N pauses after step N (keeping the schedule of
+    max_steps), like a Ctrl-C there.
     """
     check_config(config)
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
@@ -408,6 +411,7 @@ def _train(config, resume, progress, stop_after, rank, world, device, out, check
     end = min(config.max_steps, stop_after or config.max_steps)
     bar = tqdm(total=config.max_steps, initial=step, desc=f"{config.task} {config.attention}", unit="step",
                disable=not progress)
+
     def stop_requested():  # on any process: all must stop after the same step
         if world == 1:
             return interrupt.requested
@@ -444,10 +448,11 @@ def _train(config, resume, progress, stop_after, rank, world, device, out, check
                 trained.eval()
                 val_loss, metric = task.evaluate(model, autocast)
                 last_eval = {"val_loss": val_loss, task.metric: metric, "train_loss": train_loss}
+                throughput = items_per_step * interval_steps / interval_seconds
                 if rank == 0:
                     with open(out / "metrics.csv", "a", newline="") as file:
                         csv.writer(file).writerow([step, f"{train_loss:.8g}", f"{val_loss:.8g}", f"{metric:.8g}",
-                                                   f"{lr:.6g}", f"{items_per_step * interval_steps / interval_seconds:.1f}"])
+                                                   f"{lr:.6g}", f"{throughput:.1f}"])
                 bar.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}")
                 loss_sum, loss_steps, interval_seconds, interval_steps = 0.0, 0, 0.0, 0
                 save_checkpoint()
