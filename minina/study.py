@@ -32,18 +32,23 @@ CURVE_EVERY = 50  # training-loss curve resolution (steps) kept in the CSV
 FIELDS = ["task", "variant", "seed", "steps", "num_keys", "proj_dim", "test_mse", "seconds", "curve"]
 
 
-def _train_one(job):
-    task, variant, seed, steps, num_keys, proj_dim = job
-    torch.set_num_threads(1)
+def train_run(task, variant, seed, steps=1500, num_keys=8, proj_dim=8):
+    """Train one probe of a VARIANTS entry on a TASKS entry; returns (CSV row with FIELDS, trained model)."""
     start = time.perf_counter()
     kind = "dot" if VARIANTS[variant] is None else "neural"
     result = train_probe(kind, seed, steps=steps, num_keys=num_keys, proj_dim=proj_dim,
                          score_options=VARIANTS[variant], task=task)
     losses = torch.tensor(result["losses"])
     curve = losses[: steps - steps % CURVE_EVERY].view(-1, CURVE_EVERY).mean(dim=1)  # (steps // CURVE_EVERY,)
-    return {"task": task, "variant": variant, "seed": seed, "steps": steps, "num_keys": num_keys,
-            "proj_dim": proj_dim, "test_mse": result["test_mse"], "seconds": time.perf_counter() - start,
-            "curve": " ".join(f"{x:.5f}" for x in curve.tolist())}
+    row = {"task": task, "variant": variant, "seed": seed, "steps": steps, "num_keys": num_keys,
+           "proj_dim": proj_dim, "test_mse": result["test_mse"], "seconds": time.perf_counter() - start,
+           "curve": " ".join(f"{x:.5f}" for x in curve.tolist())}
+    return row, result["model"]
+
+
+def _train_in_worker(job):
+    torch.set_num_threads(1)
+    return train_run(*job)[0]
 
 
 def _read_csv(path):
@@ -86,7 +91,7 @@ def run_study(tasks=tuple(TASKS), variants=tuple(VARIANTS), seeds=10, steps=1500
             writer.writeheader()
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(todo) > 1 else None
     try:
-        results = pool.imap_unordered(_train_one, todo) if pool else map(_train_one, todo)
+        results = pool.imap_unordered(_train_in_worker, todo) if pool else (train_run(*job)[0] for job in todo)
         for row in tqdm(results, total=len(todo), desc="study", unit="run", disable=not progress):
             rows.append(row)
             if writer is not None:
@@ -107,15 +112,18 @@ def steps_to(curve, threshold):
 
 
 def summarize(rows, margin=0.05):
-    """Per task and variant: test MSE per seed, mean ± std, success rate and median steps to success.
+    """Per task and variant: test MSE per seed, mean ± std, success rate, median steps to success, and stalls.
 
-    Returns {task: {"best": float, "threshold": float, "variants": {variant: {...}}}}.
+    A run stalls when it ends worse than the median dot-product run on its task (counted when "dot" was run).
+    Returns {task: {"best": float, "threshold": float, "dot": float or None, "variants": {variant: {...}}}}.
     """
     summary = {}
     for task in dict.fromkeys(row["task"] for row in rows):
         task_rows = [row for row in rows if row["task"] == task]
         best = min(row["test_mse"] for row in task_rows)
         threshold = best + margin
+        dot = [row["test_mse"] for row in task_rows if row["variant"] == "dot"]
+        dot = statistics.median(dot) if dot else None
         per_variant = {}
         for variant in dict.fromkeys(row["variant"] for row in task_rows):
             runs = sorted((row for row in task_rows if row["variant"] == variant), key=lambda row: row["seed"])
@@ -127,22 +135,27 @@ def summarize(rows, margin=0.05):
                 "errors": errors, "mean": statistics.mean(errors),
                 "std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
                 "successes": len(wins), "seeds": len(runs),
+                "stalls": None if dot is None else sum(e > dot for e in errors),
                 "median_steps": statistics.median(reached) if reached else None,
             }
-        summary[task] = {"best": best, "threshold": threshold, "variants": per_variant}
+        summary[task] = {"best": best, "threshold": threshold, "dot": dot, "variants": per_variant}
     return summary
 
 
 def format_table(summary):
     """The summary as a plain-text table, one line per (task, variant)."""
-    lines = [f"{'task':<12} {'variant':<14} {'success':>8} {'median steps':>13} {'test MSE mean ± std':>20}  per seed"]
+    lines = [f"{'task':<12} {'variant':<14} {'success':>8} {'median steps':>13} {'stalled':>8} "
+             f"{'test MSE mean ± std':>20}  per seed"]
     for task, entry in summary.items():
         for variant, stats in entry["variants"].items():
             steps = "-" if stats["median_steps"] is None else f"{stats['median_steps']:.0f}"
+            stalls = "-" if stats["stalls"] is None else f"{stats['stalls']}/{stats['seeds']}"
             per_seed = " ".join(f"{e:.3f}" for e in stats["errors"])
             lines.append(f"{task:<12} {variant:<14} {stats['successes']:>4}/{stats['seeds']:<3} {steps:>13} "
-                         f"{stats['mean']:>11.3f} ± {stats['std']:.3f}  {per_seed}")
-        lines.append(f"{'':<12} (success: test MSE <= best {entry['best']:.3f} + margin = {entry['threshold']:.3f})")
+                         f"{stalls:>8} {stats['mean']:>11.3f} ± {stats['std']:.3f}  {per_seed}")
+        dot = "" if entry["dot"] is None else f"; stalled: worse than the median dot run, {entry['dot']:.3f}"
+        lines.append(f"{'':<12} (success: test MSE <= best {entry['best']:.3f} + margin = {entry['threshold']:.3f}"
+                     f"{dot})")
     return "\n".join(lines)
 
 

@@ -85,7 +85,7 @@ class AttentionProbe(nn.Module):
 
 def train_probe(kind, seed, steps=1500, num_keys=8, batch=256, head_dim=16, proj_dim=None, lr=3e-3,
                 score_options=None, task=nearest_key_task, test_size=4096, progress=None):
-    """Train one AttentionProbe with Adam on fresh batches; returns {"losses": [...], "test_mse": float}.
+    """Train one AttentionProbe with Adam on fresh batches; returns {"losses": [...], "test_mse": float, "model"}.
 
     task is a name in TASKS or a function like nearest_key_task; score_options go to NeuralScore. The model's
     init depends on seed only, the training batches on seed and task, the test set on seed + 10,000.
@@ -112,4 +112,4 @@ def train_probe(kind, seed, steps=1500, num_keys=8, batch=256, head_dim=16, proj
     *inputs, target = task(test_size, num_keys, generator=torch.Generator().manual_seed(10_000 + seed))
     with torch.no_grad():
         test_mse = (model(*inputs) - target).pow(2).mean().item()
-    return {"losses": losses, "test_mse": test_mse}
+    return {"losses": losses, "test_mse": test_mse, "model": model}

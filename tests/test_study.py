@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minina.study import CURVE_EVERY, VARIANTS, format_table, plot_study, run_study, steps_to, summarize
-from minina.tasks import TASKS, train_probe
+from minina.tasks import TASKS, AttentionProbe, train_probe
 
 RELATIONS = {  # independent reference: the key each task selects, one (query, key) pair at a time
     "nearest_key": lambda xq, xj: -abs(xq[0] - xj[0]),
@@ -38,7 +38,8 @@ def test_control_task_is_affine_in_the_key():
 def test_train_probe_by_task_name_is_the_same_run():
     by_name = train_probe("neural", 0, steps=5, task="nearest_key", test_size=64)
     by_function = train_probe("neural", 0, steps=5, task=TASKS["nearest_key"], test_size=64)
-    assert by_name == by_function
+    assert by_name["losses"] == by_function["losses"] and by_name["test_mse"] == by_function["test_mse"]
+    assert isinstance(by_name["model"], AttentionProbe) and by_name["model"].kind == "neural"
     two_d = train_probe("dot", 0, steps=5, task="nearest_2d", test_size=64)
     assert len(two_d["losses"]) == 5
     with pytest.raises(ValueError, match="task must be one of"):
@@ -58,7 +59,13 @@ def test_steps_to_and_summary():
     # b's first seed passed on the test set but its training average never did: counted at its last step
     assert (b["successes"], b["median_steps"]) == (2, (4 * CURVE_EVERY + 4 * CURVE_EVERY) / 2)
     assert a["mean"] == pytest.approx(0.3) and a["errors"] == [0.10, 0.50]
-    assert "1/2" in format_table(summary) and "2/2" in format_table(summary)
+    assert summary["t"]["dot"] is None and a["stalls"] is None and "1/2" in format_table(summary)
+    rows += [{"task": "t", "variant": "dot", "seed": s, "steps": 4 * CURVE_EVERY, "test_mse": e, "curve": "0.5"}
+             for s, e in [(0, 0.2), (1, 0.4), (2, 0.3)]]
+    summary = summarize(rows, margin=0.05)
+    assert summary["t"]["dot"] == pytest.approx(0.3)
+    assert summary["t"]["variants"]["a"]["stalls"] == 1 and summary["t"]["variants"]["b"]["stalls"] == 0
+    assert summary["t"]["variants"]["dot"]["stalls"] == 1 and "worse than the median dot run" in format_table(summary)
 
 
 def test_run_study_writes_resumes_and_plots(tmp_path):
