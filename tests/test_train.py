@@ -167,7 +167,8 @@ def test_lm_metrics_match_a_hand_evaluation_of_the_checkpoint(lm_run):
 
 @needs_data
 def test_vit_accuracy_matches_a_hand_evaluation(tmp_path):
-    config = tiny_vit(tmp_path, max_steps=3, eval_every=3)
+    """With image_size=16 the loop resizes the 32x32 images first; the hand evaluation does it too."""
+    config = tiny_vit(tmp_path, max_steps=3, eval_every=3, image_size=16)
     summary = train(config, progress=False)
     assert rows(tmp_path)[0] == ["step", "train_loss", "val_loss", "accuracy", "lr", "images_per_s"]
     images = load_images("cifar10", train_size=64)
@@ -177,7 +178,8 @@ def test_vit_accuracy_matches_a_hand_evaluation(tmp_path):
     test = images.test
     count = config.eval_batches * config.batch_size
     with torch.no_grad():
-        logits = model(torch.stack([test[i][0] for i in range(count)]))  # (count, 10)
+        images = torch.stack([test[i][0] for i in range(count)])  # (count, 3, 32, 32)
+        logits = model(F.interpolate(images, size=16, mode="bilinear", align_corners=False))  # (count, 10)
     labels = test.labels[:count]
     assert summary["accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
     assert summary["val_loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
