@@ -56,7 +56,7 @@ class TrainConfig:
     image_size: Optional[int] = None  # vit: resize images to this size (None: as stored)
     train_size: Optional[int] = None  # vit: use this many training images (None: all)
     proj_dim: Optional[int] = None    # neural score d' (None: head_dim / 32, at least 2)
-    score_options: Optional[dict] = None  # more NeuralScore keyword arguments, e.g. {"activation": "gelu"}
+    score_options: Optional[dict] = None  # more NeuralScore keyword arguments, e.g. {"init": "kaiming"}
     backend: str = "auto"             # neural attention backend, see minina.attention.BACKENDS
     dropout: float = 0.0
     device: str = "auto"              # "auto": CUDA when available, else CPU
@@ -478,8 +478,8 @@ def add_arguments(parser):
         if field.name == "download":
             parser.add_argument(flag, action="store_true", default=None, help="fetch missing dataset files")
         elif field.name == "score_options":
-            parser.add_argument(flag, type=json.loads, metavar="JSON",
-                                help='more NeuralScore keyword arguments as JSON, e.g. \'{"activation": "gelu"}\'')
+            parser.add_argument(flag, type=json.loads, metavar="JSON", help="more NeuralScore keyword arguments "
+                                'as JSON, e.g. \'{"init": "kaiming", "learn_scale": true}\'')
         else:
             kind = {int: int, float: float}.get(type(default), str)
             if field.name in ("eval_batches", "image_size", "train_size", "proj_dim"):
