@@ -9,8 +9,10 @@ the reference never exists: memory is O(batch * (L + S) * (E + h1)) plus one (qu
 The autograd Function below owns A, Bk, v and the remaining MLP layers; gradients of q, k, q_proj, k_proj and the
 first layer flow through split() by ordinary autograd. This file is the readable blueprint of the fused Triton
 kernel: the same loops, the same saved logsumexp, the same recomputation.
-Tested on CPU in float32 and float64 for ReLU and GELU scores of any hidden widths; float16/bfloat16 inputs are
-computed with float32 tiles and accumulators.
+Tested against the reference on CPU in float32 and float64, for ReLU and GELU scores of any hidden widths and
+a learned logit scale; float16/bfloat16 inputs run with float32 tiles and accumulators (bfloat16 checked on CPU).
+Caution: pure PyTorch launches a few dozen small ops per tile, so it trades speed for memory: on CPU about 4x
+SDPA's time (README, Performance); on GPU the fused Triton kernel is the fast path.
 """
 import math
 

@@ -73,9 +73,10 @@ def test_equals_reference_over_widths_and_dtypes(proj_dim, dtype):
     assert_same(q, k, v, score, mask, True, tolerance, block_l=8, block_s=8)
 
 
-@pytest.mark.parametrize("hidden, activation", [((3,), "relu"), ((6, 5, 3), "relu"), ((4, 2), "gelu")])
-def test_any_hidden_widths_and_activation(hidden, activation):
-    score = NeuralScore(8, proj_dim=3, hidden=hidden, activation=activation).double()
+@pytest.mark.parametrize("options", [dict(hidden=(3,)), dict(hidden=(6, 5, 3)), dict(hidden=(4, 2), activation="gelu"),
+                                     dict(init="kaiming", learn_scale=True, scale_init=3.0)])
+def test_any_hidden_widths_activation_and_score_options(options):
+    score = NeuralScore(8, proj_dim=3, **options).double()
     q, k, v = random_inputs((2, 9, 8), (2, 11, 8), (2, 11, 4))
     assert_same(q, k, v, score, make_mask("bool", (2,), 9, 11, None), True, block_l=4, block_s=4)
 
