@@ -235,10 +235,13 @@ class _Task:
             yield from lm_eval_batches(self.corpus.val, config.batch_size, config.seq_len, config.eval_batches)
             return
         test = self.images.test
+        # a fixed shuffle, so that a few batches of a class-sorted folder still see every class
+        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))  # (N,)
         for number, first in enumerate(range(0, len(test), config.batch_size)):
             if config.eval_batches is not None and number >= config.eval_batches:
                 return
-            yield test.images[first:first + config.batch_size], test.labels[first:first + config.batch_size]
+            chosen = order[first:first + config.batch_size]  # (B,)
+            yield test.images[chosen], test.labels[chosen]
 
     @torch.no_grad()
     def evaluate(self, model, autocast):
