@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import minina
 from minina.scores import RELIABLE_SCORE_OPTIONS, NeuralScore
+from minina.study import VARIANTS
 
 
 def paper_layers(head_dim, proj_dim):
@@ -114,9 +115,9 @@ def test_options_pass_through_models():
     assert all(s.logit_scale.grad is not None for s in scores)
 
 
-def test_reliable_options_build_a_score():
+def test_reliable_options_are_a_studied_variant_and_build_a_score():
+    assert RELIABLE_SCORE_OPTIONS in [options for options in VARIANTS.values() if options]
     score = NeuralScore(64, **RELIABLE_SCORE_OPTIONS)
-    assert "learn_scale" in RELIABLE_SCORE_OPTIONS or "init" in RELIABLE_SCORE_OPTIONS
     assert score.logits(torch.randn(3, 64), torch.randn(4, 64)).shape == (3, 4)
 
 
