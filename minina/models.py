@@ -24,6 +24,19 @@ def block_kinds(attention, depth):
     return kinds
 
 
+NEURAL_ONLY_OPTIONS = ("proj_dim", "score_options")
+
+
+def build_blocks(kinds, dim, heads, causal, mlp_ratio, dropout, attention_options):
+    """One Block per kind; the neural score's options (proj_dim, score_options) reach only the neural blocks."""
+    def options(kind):
+        if kind == "neural":
+            return attention_options
+        return {name: value for name, value in attention_options.items() if name not in NEURAL_ONLY_OPTIONS}
+    return nn.ModuleList(Block(dim, heads, kind, causal=causal, mlp_ratio=mlp_ratio, dropout=dropout,
+                               **options(kind)) for kind in kinds)
+
+
 def _init_weights(module):
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -50,8 +63,7 @@ class TransformerLM(nn.Module):
         self.token_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, kind, causal=True, mlp_ratio=mlp_ratio, dropout=dropout,
-                                          **attention_options) for kind in self.kinds)
+        self.blocks = build_blocks(self.kinds, dim, heads, True, mlp_ratio, dropout, attention_options)
         self.ln_out = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         _init_transformer(self)
@@ -106,8 +118,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_emb = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, kind, mlp_ratio=mlp_ratio, dropout=dropout,
-                                          **attention_options) for kind in self.kinds)
+        self.blocks = build_blocks(self.kinds, dim, heads, False, mlp_ratio, dropout, attention_options)
         self.ln_out = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         _init_transformer(self)

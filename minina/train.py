@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from .attention import BACKENDS
 from .data import IMAGE_DATASETS, TEXT_DATASETS, atomic_save, lm_batches, lm_eval_batches, load_images, load_text
 from .models import TransformerLM, VisionTransformer
-from .scores import NeuralScore
 
 HELP = "train a language model or a ViT with dot, neural or hybrid attention (resumable, torchrun-ready)"
 TASKS = ("lm", "vit")
@@ -134,7 +133,8 @@ def build_model(config, vocab_size=None, num_classes=None, image_size=None, chan
     """
     check_config(config)
     common = dict(dim=config.dim, depth=config.depth, heads=config.heads, attention=config.attention,
-                  dropout=config.dropout, backend=config.backend)
+                  dropout=config.dropout, backend=config.backend, proj_dim=config.proj_dim,
+                  score_options=config.score_options)
     if config.task == "lm":
         if vocab_size is None:
             raise ValueError("build_model needs vocab_size for task 'lm'")
@@ -144,12 +144,6 @@ def build_model(config, vocab_size=None, num_classes=None, image_size=None, chan
             raise ValueError("build_model needs num_classes, image_size and channels for task 'vit'")
         model = VisionTransformer(config.image_size or image_size, config.patch_size, num_classes,
                                   channels=channels, **common)
-    if config.proj_dim is not None or config.score_options:
-        # MultiHeadAttention refuses score options on dot-product blocks, so the neural blocks of a hybrid model
-        # get their configured NeuralScore here (it keeps PyTorch's default init, as the models' own scores do).
-        for block in model.blocks:
-            if block.attn.kind == "neural":
-                block.attn.score = NeuralScore(block.attn.dim_head, config.proj_dim, **(config.score_options or {}))
     return model
 
 

@@ -101,3 +101,12 @@ def test_model_bad_inputs(build, call, match):
 def test_bad_constructor_arguments(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_score_options_reach_neural_blocks_only():
+    lm = TransformerLM(11, 64, depth=2, heads=2, max_seq_len=8, attention="hybrid", proj_dim=4,
+                       score_options={"hidden": (6, 3)})
+    score = lm.blocks[0].attn.score
+    assert (score.proj_dim, score.hidden) == (4, (6, 3)) and not hasattr(lm.blocks[1].attn, "score")
+    vit = VisionTransformer(8, 4, 3, 64, depth=2, heads=2, attention=["dot", "neural"], proj_dim=8)
+    assert vit.blocks[1].attn.score.proj_dim == 8
