@@ -144,8 +144,7 @@ def _pair_backward(u, ds, W2, B2, W3, offs_u, H1P: tl.constexpr, H2: tl.constexp
 
 
 @triton.jit
-def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta,
-                          DBk, DV, DW2, DB2, DW3, DB3,
+def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DBk, DV,
                           stride_ab, stride_ah, stride_am, stride_au,
                           stride_kb, stride_kh, stride_kn, stride_ku,
                           stride_vb, stride_vh, stride_vn, stride_vd,
@@ -155,23 +154,18 @@ def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta,
                           H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr, GELU: tl.constexpr,
                           MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: BLOCK_N keys of one (batch, head); loops over query blocks for dV, dBk and this program's
-    partial sums of the MLP parameter gradients (summed over programs in PyTorch, so no races)."""
+    """One program: BLOCK_N keys of one (batch, head); loops over query blocks for dV_j and dBk_j."""
     start_n, off_bh = tl.program_id(0), tl.program_id(1)
     off_b, off_h = off_bh // heads, off_bh % heads
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_u, offs_d = tl.arange(0, H1P), tl.arange(0, BLOCK_D)
-    key_rows = (offs_n[:, None] < S)
+    key_rows = offs_n[:, None] < S
     bk = tl.load(Bk + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_u[None, :] * stride_ku,
                  mask=key_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
     v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=key_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_D)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dbk = tl.zeros([BLOCK_N, H1P], dtype=tl.float32)
-    d_w2 = tl.zeros([H2P, H1P], dtype=tl.float32)
-    d_b2 = tl.zeros([H2P], dtype=tl.float32)
-    d_w3 = tl.zeros([H2P], dtype=tl.float32)
-    d_b3 = tl.zeros([BLOCK_M], dtype=tl.float32)
     first_m = start_n * BLOCK_N if IS_CAUSAL else 0  # causal: earlier queries never see these keys
     for start_m in range(first_m, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -191,24 +185,14 @@ def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta,
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")  # dV_j = sum_i p_ij dO_i
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")  # dp_ij = dO_i . V_j
         ds = p * (dp - delta[:, None])  # softmax backward: ds_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij')
-        du, tile_w2, tile_b2, tile_w3 = _pair_backward(u, ds, W2, B2, W3, offs_u, H1P, H2, H2P, GELU, True)
+        du, _, _, _ = _pair_backward(u, ds, W2, B2, W3, offs_u, H1P, H2, H2P, GELU, False)
         dbk += tl.sum(du, axis=0)  # dBk_j = sum_i du_ij
-        d_w2 += tile_w2
-        d_b2 += tile_b2
-        d_w3 += tile_w3
-        d_b3 += tl.sum(ds, axis=1)
     tl.store(DV + off_bh * S * EV + offs_n[:, None] * EV + offs_d[None, :], dv, mask=key_rows & (offs_d[None, :] < EV))
     tl.store(DBk + off_bh * S * H1 + offs_n[:, None] * H1 + offs_u[None, :], dbk, mask=key_rows & (offs_u[None, :] < H1))
-    program = off_bh * tl.num_programs(0) + start_n
-    offs_c = tl.arange(0, H2P)
-    tl.store(DW2 + program * H2P * H1P + offs_c[:, None] * H1P + offs_u[None, :], d_w2)
-    tl.store(DB2 + program * H2P + offs_c, d_b2)
-    tl.store(DW3 + program * H2P + offs_c, d_w3)
-    tl.store(DB3 + program, tl.sum(d_b3, axis=0))
 
 
 @triton.jit
-def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DA,
+def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DA, DW2, DB2, DW3, DB3,
                              stride_ab, stride_ah, stride_am, stride_au,
                              stride_kb, stride_kh, stride_kn, stride_ku,
                              stride_vb, stride_vh, stride_vn, stride_vd,
@@ -218,11 +202,12 @@ def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, D
                              H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr, GELU: tl.constexpr,
                              MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: BLOCK_M queries of one (batch, head); loops over key blocks for dA_i = sum_j du_ij."""
+    """One program: BLOCK_M queries of one (batch, head); loops over key blocks for dA_i = sum_j du_ij and this
+    program's partial sums of the MLP parameter gradients (summed over programs in PyTorch, so no races)."""
     start_m, off_bh = tl.program_id(0), tl.program_id(1)
     off_b, off_h = off_bh // heads, off_bh % heads
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_u, offs_d = tl.arange(0, H1P), tl.arange(0, BLOCK_D)
+    offs_u, offs_d, offs_c = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P)
     query_rows = offs_m[:, None] < L
     a = tl.load(A + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
                 mask=query_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_M, H1P)
@@ -231,6 +216,10 @@ def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, D
     lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,)
     delta = tl.load(Delta + off_bh * L + offs_m, mask=offs_m < L, other=0.0)  # (BLOCK_M,)
     da = tl.zeros([BLOCK_M, H1P], dtype=tl.float32)
+    d_w2 = tl.zeros([H2P, H1P], dtype=tl.float32)
+    d_b2 = tl.zeros([H2P], dtype=tl.float32)
+    d_w3 = tl.zeros([H2P], dtype=tl.float32)
+    d_b3 = tl.zeros([BLOCK_M], dtype=tl.float32)
     end_n = tl.minimum(S, (start_m + 1) * BLOCK_M) if IS_CAUSAL else S
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -247,16 +236,28 @@ def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, D
         p = tl.exp(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        du, _, _, _ = _pair_backward(u, ds, W2, B2, W3, offs_u, H1P, H2, H2P, GELU, False)
+        du, tile_w2, tile_b2, tile_w3 = _pair_backward(u, ds, W2, B2, W3, offs_u, H1P, H2, H2P, GELU, True)
         da += tl.sum(du, axis=1)  # dA_i = sum_j du_ij
+        d_w2 += tile_w2
+        d_b2 += tile_b2
+        d_w3 += tile_w3
+        d_b3 += tl.sum(ds, axis=1)
     tl.store(DA + off_bh * L * H1 + offs_m[:, None] * H1 + offs_u[None, :], da, mask=query_rows & (offs_u[None, :] < H1))
+    program = off_bh * tl.num_programs(0) + start_m
+    tl.store(DW2 + program * H2P * H1P + offs_c[:, None] * H1P + offs_u[None, :], d_w2)
+    tl.store(DB2 + program * H2P + offs_c, d_b2)
+    tl.store(DW3 + program * H2P + offs_c, d_w3)
+    tl.store(DB3 + program, tl.sum(d_b3, axis=0))
 
 
-def _block_size(h1):
-    """BLOCK_M = BLOCK_N: the (BLOCK_M, BLOCK_N, h1) hidden tile fills the registers, so blocks shrink as h1 grows;
-    tl.dot needs every block at least 16 wide. Untuned: no GPU has timed these yet."""
+def _launch_config(h1):
+    """(block, num_warps) with BLOCK_M = BLOCK_N = block: the (BLOCK_M, BLOCK_N, h1) hidden tiles fill the
+    registers, so blocks shrink as h1 grows; tl.dot needs blocks of at least 16. Chosen as the largest blocks
+    whose three kernels compile for sm_80 in bf16 without register spills (ptxas -v); not yet timed on a GPU."""
     h1_padded = triton.next_power_of_2(h1)
-    return 64 if h1_padded <= 2 else 32 if h1_padded <= 8 else 16
+    if h1_padded <= 2:
+        return 32, 4
+    return (32, 8) if h1_padded <= 8 else (16, 4)
 
 
 def _padded_parameters(w2, b2, w3, b3):
@@ -275,10 +276,11 @@ class TritonNeuralAttention(torch.autograd.Function):
 
     A (B, H, L, h1), Bk (B, H, S, h1), v (B, H, S, Ev), any strides; w2 (h2, h1), b2 (h2,), w3 (1, h2), b3 (1,);
     mask None, uint8 (nonzero = may attend) or float (added), broadcast to (B, H, L, S) -> out (B, H, L, Ev).
+    block_m, block_n, num_warps: the launch configuration.
     """
 
     @staticmethod
-    def forward(ctx, A, Bk, v, w2, b2, w3, b3, mask, is_causal, gelu, block_m, block_n):
+    def forward(ctx, A, Bk, v, w2, b2, w3, b3, mask, is_causal, gelu, block_m, block_n, num_warps):
         batch, heads, L, h1 = A.shape
         S, value_dim = v.shape[-2:]
         block_d = max(16, triton.next_power_of_2(value_dim))
@@ -287,7 +289,7 @@ class TritonNeuralAttention(torch.autograd.Function):
         lse = torch.empty(batch * heads, L, dtype=torch.float32, device=v.device)  # (B*H, L)
         mask_kind = NO_MASK if mask is None else BOOL_MASK if mask.dtype == torch.uint8 else FLOAT_MASK
         shared = dict(H1P=triton.next_power_of_2(h1), H2=w2.shape[0], GELU=gelu, MASK_KIND=mask_kind,
-                      IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+                      IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
         _forward_kernel[(triton.cdiv(L, block_m), batch * heads)](
             A, Bk, v, A if mask is None else mask, *parameters, out, lse,
             *A.stride(), *Bk.stride(), *v.stride(), *(mask.stride() if mask is not None else (0, 0, 0, 0)),
@@ -306,8 +308,8 @@ class TritonNeuralAttention(torch.autograd.Function):
         H2P = triton.next_power_of_2(h2)
         parameters = _padded_parameters(w2, b2, w3, b3)
         delta = (d_out.float() * out.float()).sum(-1).reshape(batch * heads, L)  # (B*H, L) rowsum(dO * O)
-        key_blocks = triton.cdiv(S, shared["BLOCK_N"])
-        programs = batch * heads * key_blocks
+        query_blocks = triton.cdiv(L, shared["BLOCK_M"])
+        programs = batch * heads * query_blocks
         fp32 = dict(dtype=torch.float32, device=v.device)
         dA, dBk = torch.empty(batch, heads, L, h1, **fp32), torch.empty(batch, heads, S, h1, **fp32)
         dv = torch.empty(batch, heads, S, value_dim, **fp32)
@@ -317,17 +319,17 @@ class TritonNeuralAttention(torch.autograd.Function):
                    *(mask.stride() if mask is not None else (0, 0, 0, 0)), *d_out.stride())
         sizes = (heads, L, S, h1, value_dim)
         mask_arg = A if mask is None else mask
-        _backward_keys_kernel[(key_blocks, batch * heads)](
-            A, Bk, v, mask_arg, *parameters, d_out, lse, delta, dBk, dv, partial_w2, partial_b2, partial_w3,
-            partial_b3, *strides, *sizes, H2P=H2P, **shared)
-        _backward_queries_kernel[(triton.cdiv(L, shared["BLOCK_M"]), batch * heads)](
-            A, Bk, v, mask_arg, *parameters, d_out, lse, delta, dA, *strides, *sizes, H2P=H2P, **shared)
+        _backward_keys_kernel[(triton.cdiv(S, shared["BLOCK_N"]), batch * heads)](
+            A, Bk, v, mask_arg, *parameters, d_out, lse, delta, dBk, dv, *strides, *sizes, H2P=H2P, **shared)
+        _backward_queries_kernel[(query_blocks, batch * heads)](
+            A, Bk, v, mask_arg, *parameters, d_out, lse, delta, dA, partial_w2, partial_b2, partial_w3, partial_b3,
+            *strides, *sizes, H2P=H2P, **shared)
         d_w2 = partial_w2.sum(0)[:h2, :h1].to(w2.dtype)  # deterministic: a fixed-order sum over programs
         d_b2 = partial_b2.sum(0)[:h2].to(b2.dtype)
         d_w3 = partial_w3.sum(0)[:h2].reshape(1, h2).to(w3.dtype)
         d_b3 = partial_b3.sum().reshape(1).to(b3.dtype)
         return (dA.to(A.dtype), dBk.to(Bk.dtype), dv.to(v.dtype), d_w2, d_b2, d_w3, d_b3,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _interpreting():
@@ -385,7 +387,7 @@ def triton_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, 
     if attn_mask is not None:
         mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
         mask = _as_batch_heads(mask, batch, (L, S))  # (B, H, L, S), stride 0 where broadcast
-    out = TritonNeuralAttention.apply(A, Bk, values, w2, b2, w3, b3, mask, bool(is_causal),
-                                      score.activation == "gelu", block_m or _block_size(h1),
-                                      block_n or _block_size(h1))
+    block, num_warps = _launch_config(h1)
+    out = TritonNeuralAttention.apply(A, Bk, values, w2, b2, w3, b3, mask, bool(is_causal), score.activation == "gelu",
+                                      block_m or block, block_n or block, num_warps)
     return out.reshape(*batch, L, v.shape[-1])  # (..., L, Ev)

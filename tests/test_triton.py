@@ -95,7 +95,7 @@ def test_matches_reference(L, S, is_causal, mask_kind):
 ])
 def test_score_shapes_activations_and_blocks(head_dim, options, blocks):
     score = lively_score(head_dim, **options)
-    L = 70 if blocks[0] is None else 40  # beyond one default block of 64
+    L = 70 if blocks[0] is None else 40  # ragged: 70 = 2 * 32 + 6 with the default blocks
     q, k, v = (torch.randn(1, 1, L, head_dim, device=DEVICE) for _ in range(3))
     assert score.logits(q, k).std() > 0.1  # a live MLP, not a constant score
     assert_matches_reference(q, k, v, score, is_causal=True, blocks=blocks)
