@@ -12,13 +12,14 @@ act(A_i + Bk_j) and the remaining layers (h1 -> h2 -> 1). Autograd carries dA an
 projections.
 
 Supported: CUDA tensors in fp32, fp16 and bf16 (all MLP and softmax arithmetic in fp32; p @ V in the input dtype
-with fp32 accumulation, as FlashAttention does); score MLPs with exactly two hidden layers (the paper's
-2P -> P -> P/2 -> 1, or any widths h1 <= 64, h2 <= 32), ReLU or GELU; value head size Ev <= 256; any L and S,
-L != S, is_causal (top-left aligned), boolean or additive float masks broadcastable to (..., L, S); any batch
-dims and strides.
+with fp32 accumulation, as FlashAttention does, and in exact fp32, not tf32, for fp32 inputs); score MLPs with
+exactly two hidden layers (the paper's 2P -> P -> P/2 -> 1 for P <= 16, or widths h1 <= 16, h2 <= 16), ReLU or
+GELU; value head size Ev <= 256; any L and S, L != S, is_causal (top-left aligned), boolean or additive float
+masks broadcastable to (..., L, S); any batch dims and strides.
 Caution: tested so far only in Triton's CPU interpreter (TRITON_INTERPRET=1, fp32 and fp16; the interpreter's
-bf16 matmul is wrong, so bf16 is untested); no GPU run yet, the block sizes are untuned guesses, and a float
-attn_mask gets no gradient.
+bf16 matmul is wrong, so bf16 is untested). No GPU has run these kernels yet: they compile for sm_75, sm_80 and
+sm_90, and the block sizes are the largest that compile without register spills, but nothing is timed or tuned.
+A T4 (sm_75) has no bf16 tensor cores: use fp16 there. A float attn_mask gets no gradient.
 """
 import math
 import os
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 
-MAX_HIDDEN = (64, 32)  # widest (h1, h2) the static loops accept
+MAX_HIDDEN = (16, 16)  # widest (h1, h2): the paper's (P, P // 2) up to P = 16, and a little beyond
 MAX_VALUE_DIM = 256
 NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
 
@@ -85,11 +86,16 @@ def _forward_kernel(A, Bk, V, Mask, W2, B2, W3, B3, Out, Lse,
                     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head); out = softmax(s) V over all key blocks, and logsumexp."""
-    start_m, off_bh = tl.program_id(0), tl.program_id(1)
+    start_m, off_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: no overflow on big tensors
     off_b, off_h = off_bh // heads, off_bh % heads
+    A += off_b * stride_ab + off_h * stride_ah  # move every pointer to this (batch, head)
+    Bk += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    Mask += off_b * stride_mb + off_h * stride_mh
+    Out += off_b * stride_ob + off_h * stride_oh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_u, offs_d = tl.arange(0, H1P), tl.arange(0, BLOCK_D)
-    a = tl.load(A + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
+    a = tl.load(A + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
                 mask=(offs_m[:, None] < L) & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_M, H1P)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the logits
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(s - m_i)
@@ -97,25 +103,26 @@ def _forward_kernel(A, Bk, V, Mask, W2, B2, W3, B3, Out, Lse,
     end_n = tl.minimum(S, (start_m + 1) * BLOCK_M) if IS_CAUSAL else S  # later keys are all in the future
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        bk = tl.load(Bk + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn
+        bk = tl.load(Bk + offs_n[:, None] * stride_kn
                      + offs_u[None, :] * stride_ku,
                      mask=(offs_n[:, None] < S) & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
         s = _pair_logits(a[:, None, :] + bk[None, :, :], W2, B2, W3, B3, offs_u, H1P, H2, GELU)  # (BLOCK_M, BLOCK_N)
-        mask_ptrs = Mask + off_b * stride_mb + off_h * stride_mh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i' = max(m_i, max_j s_ij)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far keeps p = 0, not NaN
         p = tl.exp(s - m_safe[:, None])  # p_ij = exp(s_ij - m_i')
         alpha = tl.exp(m_i - m_safe)  # rescales what was summed under the old max: exp(m_i - m_i')
         l_i = l_i * alpha + tl.sum(p, axis=1)  # l_i' = alpha l_i + sum_j p_ij
-        v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=(offs_n[:, None] < S) & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")  # acc' = alpha acc + p V
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with nothing to attend outputs zeros
-    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_d[None, :] < EV))
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("inf"))  # +inf makes exp(s - lse) = 0 in the backward
+    # logsumexp m_i + log l_i; +inf on rows with nothing to attend makes the backward's exp(s - lse) = 0
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
     tl.store(Lse + off_bh * L + offs_m, lse, mask=offs_m < L)
 
 
@@ -155,14 +162,19 @@ def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DBk,
                           MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, head); loops over query blocks for dV_j and dBk_j."""
-    start_n, off_bh = tl.program_id(0), tl.program_id(1)
+    start_n, off_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: no overflow on big tensors
     off_b, off_h = off_bh // heads, off_bh % heads
+    A += off_b * stride_ab + off_h * stride_ah  # move every pointer to this (batch, head)
+    Bk += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    Mask += off_b * stride_mb + off_h * stride_mh
+    DOut += off_b * stride_ob + off_h * stride_oh
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_u, offs_d = tl.arange(0, H1P), tl.arange(0, BLOCK_D)
     key_rows = offs_n[:, None] < S
-    bk = tl.load(Bk + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_u[None, :] * stride_ku,
+    bk = tl.load(Bk + offs_n[:, None] * stride_kn + offs_u[None, :] * stride_ku,
                  mask=key_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=key_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_D)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dbk = tl.zeros([BLOCK_N, H1P], dtype=tl.float32)
@@ -170,16 +182,17 @@ def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DBk,
     for start_m in range(first_m, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         query_rows = offs_m[:, None] < L
-        a = tl.load(A + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_am
+        a = tl.load(A + offs_m[:, None] * stride_am
                     + offs_u[None, :] * stride_au,
                     mask=query_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_M, H1P)
-        do = tl.load(DOut + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
-                     + offs_d[None, :] * stride_od, mask=query_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(DOut + offs_m[:, None] * stride_om
+                     + offs_d[None, :] * stride_od,
+                     mask=query_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_M, BLOCK_D)
         lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,)
         delta = tl.load(Delta + off_bh * L + offs_m, mask=offs_m < L, other=0.0)  # (BLOCK_M,) rowsum(dO * O)
         u = a[:, None, :] + bk[None, :, :]  # (BLOCK_M, BLOCK_N, H1P)
         s = _pair_logits(u, W2, B2, W3, B3, offs_u, H1P, H2, GELU)  # (BLOCK_M, BLOCK_N)
-        mask_ptrs = Mask + off_b * stride_mb + off_h * stride_mh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)
         p = tl.exp(s - lse[:, None])  # the forward's softmax weights, recomputed
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")  # dV_j = sum_i p_ij dO_i
@@ -188,7 +201,8 @@ def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DBk,
         du, _, _, _ = _pair_backward(u, ds, W2, B2, W3, offs_u, H1P, H2, H2P, GELU, False)
         dbk += tl.sum(du, axis=0)  # dBk_j = sum_i du_ij
     tl.store(DV + off_bh * S * EV + offs_n[:, None] * EV + offs_d[None, :], dv, mask=key_rows & (offs_d[None, :] < EV))
-    tl.store(DBk + off_bh * S * H1 + offs_n[:, None] * H1 + offs_u[None, :], dbk, mask=key_rows & (offs_u[None, :] < H1))
+    tl.store(DBk + off_bh * S * H1 + offs_n[:, None] * H1 + offs_u[None, :], dbk,
+             mask=key_rows & (offs_u[None, :] < H1))
 
 
 @triton.jit
@@ -204,14 +218,19 @@ def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, D
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head); loops over key blocks for dA_i = sum_j du_ij and this
     program's partial sums of the MLP parameter gradients (summed over programs in PyTorch, so no races)."""
-    start_m, off_bh = tl.program_id(0), tl.program_id(1)
+    start_m, off_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: no overflow on big tensors
     off_b, off_h = off_bh // heads, off_bh % heads
+    A += off_b * stride_ab + off_h * stride_ah  # move every pointer to this (batch, head)
+    Bk += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    Mask += off_b * stride_mb + off_h * stride_mh
+    DOut += off_b * stride_ob + off_h * stride_oh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_u, offs_d, offs_c = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P)
     query_rows = offs_m[:, None] < L
-    a = tl.load(A + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
+    a = tl.load(A + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
                 mask=query_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_M, H1P)
-    do = tl.load(DOut + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    do = tl.load(DOut + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
                  mask=query_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_M, BLOCK_D)
     lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,)
     delta = tl.load(Delta + off_bh * L + offs_m, mask=offs_m < L, other=0.0)  # (BLOCK_M,)
@@ -224,14 +243,14 @@ def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, D
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_rows = offs_n[:, None] < S
-        bk = tl.load(Bk + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn
+        bk = tl.load(Bk + offs_n[:, None] * stride_kn
                      + offs_u[None, :] * stride_ku,
                      mask=key_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
-        v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=key_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_D)
         u = a[:, None, :] + bk[None, :, :]  # (BLOCK_M, BLOCK_N, H1P)
         s = _pair_logits(u, W2, B2, W3, B3, offs_u, H1P, H2, GELU)  # (BLOCK_M, BLOCK_N)
-        mask_ptrs = Mask + off_b * stride_mb + off_h * stride_mh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)
         p = tl.exp(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
@@ -242,7 +261,8 @@ def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, D
         d_b2 += tile_b2
         d_w3 += tile_w3
         d_b3 += tl.sum(ds, axis=1)
-    tl.store(DA + off_bh * L * H1 + offs_m[:, None] * H1 + offs_u[None, :], da, mask=query_rows & (offs_u[None, :] < H1))
+    tl.store(DA + off_bh * L * H1 + offs_m[:, None] * H1 + offs_u[None, :], da,
+             mask=query_rows & (offs_u[None, :] < H1))
     program = off_bh * tl.num_programs(0) + start_m
     tl.store(DW2 + program * H2P * H1P + offs_c[:, None] * H1P + offs_u[None, :], d_w2)
     tl.store(DB2 + program * H2P + offs_c, d_b2)
@@ -345,7 +365,8 @@ def _check_supported(q, v, score, attn_mask):
     hidden = score.hidden
     if len(hidden) != 2 or hidden[0] > MAX_HIDDEN[0] or hidden[1] > MAX_HIDDEN[1]:
         raise ValueError(f"backend='triton' supports score MLPs with two hidden layers (h1, h2), h1 <= "
-                         f"{MAX_HIDDEN[0]} and h2 <= {MAX_HIDDEN[1]} (the paper's (P, P // 2) for P <= 16 included); "
+                         f"{MAX_HIDDEN[0]} and h2 <= {MAX_HIDDEN[1]} (the paper's (P, P // 2) for P <= 16; else use "
+                         f"backend='chunked'); "
                          f"got hidden={hidden}")
     if v.shape[-1] > MAX_VALUE_DIM:
         raise ValueError(f"backend='triton' supports value head sizes up to {MAX_VALUE_DIM}, got v {tuple(v.shape)}")

@@ -149,14 +149,14 @@ def test_low_precision_error_at_most_twice_the_reference(dtype):
 
 @pytest.mark.parametrize("options, shapes, message", [
     ({"hidden": (4, 2, 2)}, None, "two hidden layers"),
-    ({"hidden": (65, 2)}, None, "h1 <= 64"),
-    ({"hidden": (4, 33)}, None, "h2 <= 32"),
+    ({"hidden": (17, 2)}, None, "h1 <= 16"),
+    ({"hidden": (4, 17)}, None, "h2 <= 16"),
     ({}, (4, 300), "value head sizes up to 256"),
 ])
 def test_unsupported_shapes_raise(options, shapes, message):
     score = NeuralScore(8, **options).to(DEVICE)
     L, value_dim = shapes or (4, 8)
-    q, k, v = torch.randn(L, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE), torch.randn(5, value_dim, device=DEVICE)
+    q, k, v = (torch.randn(n, d, device=DEVICE) for n, d in ((L, 8), (5, 8), (5, value_dim)))
     with pytest.raises(ValueError, match=message):
         triton_neural_attention(q, k, v, score)
 
