@@ -63,8 +63,8 @@ def notebook_problems(path, repository=REPOSITORY):
 
 def readme_notebooks_section():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    match = re.search(r"^## Notebooks\n(.*?)^## Citation", text, re.M | re.S)
-    assert match, "README.md needs a '## Notebooks' section right before '## Citation'"
+    match = re.search(r"^## Notebooks\n(.*?)^## ", text, re.M | re.S)
+    assert match, "README.md needs a '## Notebooks' section followed by another '## ' section"
     return match.group(1)
 
 
