@@ -18,8 +18,9 @@ GELU; value head size Ev <= 256; any L and S, L != S, is_causal (top-left aligne
 masks broadcastable to (..., L, S); any batch dims and strides.
 Caution: tested so far only in Triton's CPU interpreter (TRITON_INTERPRET=1, fp32 and fp16; the interpreter's
 bf16 matmul is wrong, so bf16 is untested). No GPU has run these kernels yet: they compile for sm_75, sm_80 and
-sm_90, and the block sizes are the largest that compile without register spills, but nothing is timed or tuned.
-A T4 (sm_75) has no bf16 tensor cores: use fp16 there. A float attn_mask gets no gradient.
+sm_90, and the block sizes are the largest that compile for sm_80 without register spills (the backward still
+spills a little on sm_75 and sm_90), but nothing is timed or tuned. A T4 (sm_75) has no bf16 tensor cores: use
+fp16 there. A float attn_mask gets no gradient.
 """
 import math
 import os
