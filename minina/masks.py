@@ -25,6 +25,8 @@ def attention_bias(attn_mask, is_causal, L, S, dtype, device):
 
 def masked_softmax(logits):
     """Softmax over the last dim that gives all-zero weights, not NaN, on rows whose logits are all -inf."""
+    if logits.shape[-1] == 0:  # no keys at all: nothing to normalise
+        return logits
     row_max = logits.amax(dim=-1, keepdim=True).detach()  # (..., L, 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.exp(logits - row_max)  # (..., L, S)

@@ -181,3 +181,10 @@ def test_bad_score_and_backend():
 def test_bad_score_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NeuralScore(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_no_keys_gives_zeros(backend):
+    q, k, v = torch.randn(2, 3, 4), torch.randn(2, 0, 4), torch.randn(2, 0, 5)
+    assert torch.equal(neural_attention(q, k, v, NeuralScore(4), backend=backend), torch.zeros(2, 3, 5))
+    assert torch.equal(dot_product_attention(q, k, v), torch.zeros(2, 3, 5))
