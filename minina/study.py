@@ -66,7 +66,8 @@ def run_study(tasks=tuple(TASKS), variants=tuple(VARIANTS), seeds=10, steps=1500
     """Train every (task, variant, seed); returns the rows (dicts with FIELDS).
 
     csv_path: append each finished run there and reuse the matching runs it already holds. workers > 1 trains
-    runs in a process pool, one thread each.
+    runs in a process pool; every run uses one thread (these probes are too small to gain from more, and on a
+    busy machine several threads per tiny op thrash).
     """
     unknown = [t for t in tasks if t not in TASKS] + [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -90,6 +91,8 @@ def run_study(tasks=tuple(TASKS), variants=tuple(VARIANTS), seeds=10, steps=1500
         if new_file:
             writer.writeheader()
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(todo) > 1 else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         results = pool.imap_unordered(_train_in_worker, todo) if pool else (train_run(*job)[0] for job in todo)
         for row in tqdm(results, total=len(todo), desc="study", unit="run", disable=not progress):
@@ -98,6 +101,7 @@ def run_study(tasks=tuple(TASKS), variants=tuple(VARIANTS), seeds=10, steps=1500
                 writer.writerow(row)
                 handle.flush()
     finally:
+        torch.set_num_threads(threads)
         if pool:
             pool.terminate()
         if writer is not None:

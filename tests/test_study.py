@@ -9,6 +9,16 @@ import torch
 from minina.study import CURVE_EVERY, VARIANTS, format_table, plot_study, run_study, steps_to, summarize
 from minina.tasks import TASKS, AttentionProbe, train_probe
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The probes are tiny: one thread is fastest, and two thrash on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 RELATIONS = {  # independent reference: the key each task selects, one (query, key) pair at a time
     "nearest_key": lambda xq, xj: -abs(xq[0] - xj[0]),
     "ring_key": lambda xq, xj: -abs(abs(xq[0] - xj[0]) - 0.5),
