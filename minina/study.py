@@ -118,7 +118,8 @@ def steps_to(curve, threshold):
 def summarize(rows, margin=0.05):
     """Per task and variant: test MSE per seed, mean ± std, success rate, median steps to success, and stalls.
 
-    A run stalls when it ends worse than the median dot-product run on its task (counted when "dot" was run).
+    A run stalls when it ends worse than the median dot-product run on its task (counted for the neural variants
+    when "dot" was run).
     Returns {task: {"best": float, "threshold": float, "dot": float or None, "variants": {variant: {...}}}}.
     """
     summary = {}
@@ -139,7 +140,7 @@ def summarize(rows, margin=0.05):
                 "errors": errors, "mean": statistics.mean(errors),
                 "std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
                 "successes": len(wins), "seeds": len(runs),
-                "stalls": None if dot is None else sum(e > dot for e in errors),
+                "stalls": None if dot is None or variant == "dot" else sum(e > dot for e in errors),
                 "median_steps": statistics.median(reached) if reached else None,
             }
         summary[task] = {"best": best, "threshold": threshold, "dot": dot, "variants": per_variant}
@@ -188,7 +189,7 @@ def plot_study(rows, summary, path):
             axis.axhline(summary[task]["threshold"], color="gray", linestyle="--", linewidth=1)
             axis.set_yscale("log")
         top.set_xticks(range(len(variants)), variants, rotation=35, ha="right", fontsize=8)
-        top.set_title(f"{task}\n(success rate above each column)", fontsize=9)
+        top.set_title(f"{task}\n(success rate above each column)", fontsize=9, pad=14)
         top.set_ylabel("test MSE per seed (log)")
         bottom.set_xlabel("training step")
         bottom.set_ylabel("median training loss over seeds (log)")
