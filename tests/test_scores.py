@@ -140,3 +140,15 @@ def test_repr_names_the_options():
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         NeuralScore(64, **kwargs)
+
+
+@pytest.mark.skipif("chunked" not in minina.attention.BACKENDS, reason="no chunked backend")
+def test_chunked_backend_sees_the_folded_scale():
+    score = NeuralScore(16, 4, init="kaiming", learn_scale=True)
+    with torch.no_grad():
+        score.logit_scale.fill_(2.3)
+    q, k, v = torch.randn(2, 5, 16), torch.randn(2, 9, 16), torch.randn(2, 9, 3)
+    outs = [minina.neural_attention(q, k, v, score, is_causal=True, backend=b) for b in ("reference", "chunked")]
+    torch.testing.assert_close(outs[1], outs[0])
+    grads = [torch.autograd.grad(out.sum(), score.logit_scale)[0] for out in outs]
+    torch.testing.assert_close(grads[1], grads[0])
