@@ -18,12 +18,8 @@ import math
 
 import torch
 
-# act and d act(x) / dx for the activations NeuralScore supports (GELU is nn.GELU's exact, erf-based one).
-ACTIVATIONS = {
-    "relu": (torch.relu, lambda x: x > 0),
-    "gelu": (torch.nn.functional.gelu,
-             lambda x: 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)),
-}
+from .activations import ACTIVATIONS
+
 TILE_ELEMENTS = 2 ** 19  # default budget for one (hidden, batch, query block, key block) tile
 
 
@@ -54,7 +50,7 @@ def _tile_logits(A_block, Bk_block, rest, activation, attn_mask, is_causal, rows
 
     Masked pairs get -inf. Also returns the pre-activations backward needs, one (width, ..., bl, bs) per layer.
     """
-    act = ACTIVATIONS[activation][0]
+    act = ACTIVATIONS[activation].function
     pre = A_block.unsqueeze(-1) + Bk_block.unsqueeze(-2)  # (h1, ..., bl, bs) = A_i + Bk_j
     pre_activations = [pre]
     for weight, bias in rest[:-1]:
@@ -119,7 +115,7 @@ class ChunkedNeuralAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         A, Bk, v, out, logsumexp, attn_mask, *rest_params = ctx.saved_tensors
-        compute, (act, act_grad) = out.dtype, ACTIVATIONS[ctx.activation]
+        compute, (_, act, act_grad) = out.dtype, ACTIVATIONS[ctx.activation]
         rest = [(w.to(compute), b.to(compute)) for w, b in zip(rest_params[::2], rest_params[1::2])]
         A_t = A.movedim(-1, 0).to(compute).contiguous()  # (h1, ..., L)
         Bk_t = Bk.movedim(-1, 0).to(compute).contiguous()  # (h1, ..., S)

@@ -4,7 +4,8 @@ import math
 import torch
 import torch.nn as nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+from .activations import ACTIVATIONS
+
 INITS = ("paper", "kaiming")
 # The options `python -m minina study-learnability` recommends: NeuralScore(head_dim, **RELIABLE_SCORE_OPTIONS).
 # Over 10 seeds on four probes 1 of 40 GELU runs stalled on a flat score, against 4 of 40 for the paper's ReLU
@@ -61,7 +62,7 @@ class NeuralScore(nn.Module):
         layers = []
         for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
             if i > 0:
-                layers.append(ACTIVATIONS[activation]())
+                layers.append(ACTIVATIONS[activation].module())
             layers.append(nn.Linear(fan_in, fan_out))
         self.mlp = nn.Sequential(*layers)
         if init == "kaiming":
