@@ -6,11 +6,14 @@ and either broadcasts to (..., L, S). is_causal keeps key j <= query i (top-left
 combined with attn_mask, and then a key must pass both.
 A query row with no key it may attend to gets zero attention weights and so a zero output (SDPA's math path
 would give NaN there).
+Arguments after attn_mask are keyword-only: SDPA's fifth positional argument is dropout_p, ours would be
+is_causal, so a call copied from SDPA must not silently mean something else.
 """
 import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .chunked import chunked_neural_attention
 from .masks import attention_bias, masked_softmax
@@ -19,12 +22,25 @@ from .scores import NeuralScore
 BACKENDS = ("auto", "reference", "chunked", "triton")
 
 
+def _no_positional(signature, args):
+    """TypeError for arguments given by position after attn_mask (SDPA's 5th positional argument is dropout_p)."""
+    if args:
+        raise TypeError(f"{signature.split('(')[0]}() takes the arguments after attn_mask by keyword only, got "
+                        f"{len(args)} more positional: write {signature}. F.scaled_dot_product_attention's 5th "
+                        f"positional argument is dropout_p, so a call copied from SDPA would silently mean "
+                        f"something else here")
+
+
 def _check_inputs(q, k, v, attn_mask):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
             raise ValueError(f"{name} must have shape (..., seq, features) with at least 2 dims, got {tuple(t.shape)}")
+    if not q.dtype == k.dtype == v.dtype or not q.is_floating_point():
+        raise TypeError(f"q, k, v must share one floating dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must share the feature size E: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if k.shape[-2] != v.shape[-2]:
@@ -55,16 +71,47 @@ def _weights(logits, attn_mask, is_causal):
     return masked_softmax(logits if bias is None else logits + bias)  # (..., L, S)
 
 
-def dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
+def dot_product_attention(q, k, v, attn_mask=None, *args, is_causal=False, scale=None):
     """softmax(q k^T * scale + mask) v, scale = 1/sqrt(E) by default (Vaswani et al. 2017, Eq. 1).
 
     q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev). Written out as the readable reference that
-    F.scaled_dot_product_attention computes fast.
+    sdpa_attention (and F.scaled_dot_product_attention) computes fast; it keeps the (..., L, S) logits.
     """
+    _no_positional("dot_product_attention(q, k, v, attn_mask, is_causal=..., scale=...)", args)
     _check_inputs(q, k, v, attn_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = (q @ k.transpose(-2, -1)) * scale  # (..., L, S)
     return _weights(logits, attn_mask, is_causal) @ v  # (..., L, Ev)
+
+
+def sdpa_attention(q, k, v, attn_mask=None, *args, is_causal=False, scale=None):
+    """dot_product_attention computed by F.scaled_dot_product_attention (PyTorch's fused kernels), same results.
+
+    q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev). Adds minina's mask semantics to SDPA's:
+    is_causal combines with attn_mask (SDPA refuses both), and rows with no key to attend give zeros. Those rows
+    can only come from a mask, so only then are they attended as if unmasked and zeroed after the call, which
+    keeps the output and every gradient finite.
+    """
+    _no_positional("sdpa_attention(q, k, v, attn_mask, is_causal=..., scale=...)", args)
+    _check_inputs(q, k, v, attn_mask)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    q, k, v = q.expand(*batch, *q.shape[-2:]), k.expand(*batch, *k.shape[-2:]), v.expand(*batch, *v.shape[-2:])
+    L, S = q.shape[-2], k.shape[-2]
+    if S == 0:
+        return q.new_zeros(*batch, L, v.shape[-1])
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)  # (..., L, Ev)
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()  # (L, S) key j <= query i
+        attn_mask = attn_mask & causal if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~causal, -math.inf)
+    allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > -math.inf
+    has_key = allowed.any(dim=-1, keepdim=True)  # (..., L, 1)
+    if attn_mask.dtype == torch.bool:
+        attn_mask = attn_mask | ~has_key
+    else:
+        attn_mask = attn_mask.masked_fill(~has_key, 0.0).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)  # (..., L, Ev)
+    return out.masked_fill(~has_key, 0.0)
 
 
 def _check_score(score, q):
@@ -118,7 +165,7 @@ def resolve_backend(backend, q, v=None, score=None, attn_mask=None):
     return backend
 
 
-def neural_attention(q, k, v, score, attn_mask=None, is_causal=False, backend="auto"):
+def neural_attention(q, k, v, score, attn_mask=None, *args, is_causal=False, backend="auto"):
     """softmax(s(q_i, k_j) + mask) v with s a NeuralScore (DiGiugno & Mahmood 2025, Eq. 3-5).
 
     q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev); the same masks as dot_product_attention.
@@ -126,14 +173,16 @@ def neural_attention(q, k, v, score, attn_mask=None, is_causal=False, backend="a
     blocks with an online softmax in O(L + S) memory (minina.chunked); "triton" runs the same algorithm as fused
     GPU kernels (minina.triton_kernels); "auto" picks the best backend available for q's device.
     """
+    _no_positional("neural_attention(q, k, v, score, attn_mask, is_causal=..., backend=...)", args)
     _check_inputs(q, k, v, attn_mask)
     _check_score(score, q)
     implementation = _IMPLEMENTATIONS[resolve_backend(backend, q, v, score, attn_mask)]
     return implementation(q, k, v, score, attn_mask, is_causal)
 
 
-def attention_weights(q, k, score=None, attn_mask=None, is_causal=False, scale=None):
+def attention_weights(q, k, score=None, attn_mask=None, *args, is_causal=False, scale=None):
     """The (..., L, S) attention matrix: dot-product when score is None, else neural with that NeuralScore."""
+    _no_positional("attention_weights(q, k, score, attn_mask, is_causal=..., scale=...)", args)
     _check_inputs(q, k, k, attn_mask)
     if score is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

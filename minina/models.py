@@ -69,14 +69,22 @@ class TransformerLM(nn.Module):
         _init_transformer(self)
         self.head.weight = self.token_emb.weight  # weight tying (Press & Wolf 2017), as in GPT-2
 
-    def forward(self, idx):
-        """idx (B, T) of token ids, T <= max_seq_len -> logits (B, T, vocab_size)."""
+    def forward(self, idx, check_ids=True):
+        """idx (B, T) of token ids, T <= max_seq_len -> logits (B, T, vocab_size).
+
+        check_ids verifies 0 <= idx < vocab_size (an id outside would be an IndexError on CPU and a device-side
+        assert that ends the process on CUDA); it reads one number back from the device, so a caller whose ids
+        are known to be valid (minina.train's, drawn from the corpus) passes check_ids=False to never wait for it.
+        """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
             raise ValueError(f"idx must be an integer tensor of shape (B, T), got "
                              f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
         T = idx.shape[1]
         if T > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.max_seq_len} (idx {tuple(idx.shape)})")
+        if check_ids and ((idx < 0) | (idx >= self.vocab_size)).any():
+            raise ValueError(f"idx must hold token ids in [0, vocab_size={self.vocab_size}), got values in "
+                             f"[{idx.min().item()}, {idx.max().item()}] (idx {tuple(idx.shape)})")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.token_emb(idx) + self.pos_emb(pos))  # (B, T, dim)
         for block in self.blocks:
@@ -84,15 +92,31 @@ class TransformerLM(nn.Module):
         return self.head(self.ln_out(x))  # (B, T, vocab_size)
 
     def loss(self, idx, targets):
-        """Mean next-token cross-entropy of idx (B, T) against targets (B, T)."""
+        """Mean next-token cross-entropy of idx (B, T) against targets (B, T) of ids in [0, vocab_size)."""
+        if not isinstance(targets, torch.Tensor) or targets.shape != getattr(idx, "shape", None):
+            raise ValueError(f"targets must have the shape of idx {tuple(getattr(idx, 'shape', ()))}, got "
+                             f"{tuple(getattr(targets, 'shape', ()))}")
+        if ((targets < 0) | (targets >= self.vocab_size)).any():
+            raise ValueError(f"targets must hold token ids in [0, vocab_size={self.vocab_size}), got values in "
+                             f"[{targets.min().item()}, {targets.max().item()}]")
         logits = self(idx)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample max_new_tokens tokens after idx (B, T); returns (B, T + max_new_tokens)."""
-        if temperature <= 0:
+        """Sample max_new_tokens tokens after idx (B, T), T >= 1; returns (B, T + max_new_tokens).
+
+        top_k None samples from the whole vocabulary, an int >= 1 from the top_k most likely tokens only.
+        """
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be a prompt of shape (B, T) with T >= 1 (generation continues a prompt), "
+                             f"got {tuple(getattr(idx, 'shape', ()))}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.max_seq_len:])[:, -1, :] / temperature  # (B, vocab)
             if top_k is not None:

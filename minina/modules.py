@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from .attention import BACKENDS, attention_weights, dot_product_attention, neural_attention
+from .attention import BACKENDS, attention_weights, dot_product_attention, neural_attention, sdpa_attention
 from .scores import NeuralScore
 
 KINDS = ("dot", "neural")
@@ -12,7 +12,10 @@ class MultiHeadAttention(nn.Module):
     """Heads of dot-product or neural attention over x (self) or context (cross); forward (B, L, dim) -> (B, L, dim).
 
     For kind="neural" one NeuralScore(dim_head, proj_dim, **score_options) is shared by all heads, as in the
-    paper. dropout acts on the output projection (attention weights are never materialized by the fast paths).
+    paper, and backend chooses how neural_attention runs. For kind="dot", backend="reference" runs the written-out
+    dot_product_attention and every other backend F.scaled_dot_product_attention (sdpa_attention: PyTorch's fused
+    kernels, no (B, H, L, S) tensor kept), with equal results. dropout acts on the output projection (attention
+    weights are never materialized by the fast paths).
     """
 
     def __init__(self, dim, heads, kind="dot", causal=False, dim_head=None, proj_dim=None, dropout=0.0,
@@ -55,7 +58,8 @@ class MultiHeadAttention(nn.Module):
         """x (B, L, dim), context (B, S, dim) or None, attn_mask broadcastable to (B, H, L, S) -> (B, L, dim)."""
         q, k, v = self._heads(x, context)
         if self.kind == "dot":
-            out = dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
+            attention = dot_product_attention if self.backend == "reference" else sdpa_attention
+            out = attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)  # (B, H, L, E)
         else:
             out = neural_attention(q, k, v, self.score, attn_mask=attn_mask, is_causal=self.causal,
                                    backend=self.backend)  # (B, H, L, E)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import minina
-from minina import NeuralScore, dot_product_attention, neural_attention
+from minina import NeuralScore, dot_product_attention, neural_attention, sdpa_attention
 
 
 def loop_neural_attention(q, k, v, score, keep=None):
@@ -42,7 +42,84 @@ def test_dot_product_equals_sdpa(is_causal, mask_kind, scale):
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, scale=scale)
     else:
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
-    torch.testing.assert_close(dot_product_attention(q, k, v, mask, is_causal, scale), expected)
+    torch.testing.assert_close(dot_product_attention(q, k, v, mask, is_causal=is_causal, scale=scale), expected)
+
+
+def random_mask(kind, shape, empty_rows):
+    """A bool or float mask of shape (..., L, S) whose rows empty_rows allow no key at all."""
+    keep = torch.rand(shape) > 0.4
+    keep[..., empty_rows, :] = False
+    if kind == "bool":
+        return keep
+    return torch.randn(shape, dtype=torch.float64).masked_fill(~keep, -math.inf)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("lengths", [(5, 7), (7, 5)])
+def test_sdpa_attention_equals_reference_with_empty_rows(is_causal, mask_kind, scale, lengths):
+    """sdpa_attention is dot_product_attention to float64 rounding, output and gradients, also on rows that a mask
+    (alone or with is_causal) leaves without any key, where both give exactly zero."""
+    L, S = lengths
+    q, k, v = (torch.randn(2, 3, n, e, dtype=torch.float64, requires_grad=True) for n, e in ((L, 8), (S, 8), (S, 4)))
+    mask = None if mask_kind is None else random_mask(mask_kind, (2, 1, L, S), empty_rows=[1])
+    if mask is not None and is_causal:
+        mask[..., 3, :4] = False if mask_kind == "bool" else -math.inf  # empty only once combined with causal
+    outputs, grads = [], []
+    for attention in (dot_product_attention, sdpa_attention):
+        out = attention(q, k, v, mask, is_causal=is_causal, scale=scale)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (q, k, v)))
+        outputs.append(out)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-12, atol=1e-12)
+    for sdpa_grad, reference_grad in zip(grads[1], grads[0]):
+        torch.testing.assert_close(sdpa_grad, reference_grad, rtol=1e-12, atol=1e-12)
+        assert torch.isfinite(sdpa_grad).all()
+    if mask is not None:
+        assert torch.equal(outputs[1][:, :, 1], torch.zeros(2, 3, 4, dtype=torch.float64))
+        if is_causal:
+            assert torch.equal(outputs[1][:, :, 3], torch.zeros(2, 3, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_sdpa_attention_never_shows_sdpa_a_row_without_keys(mask_kind, monkeypatch):
+    """GPU kernels of SDPA may return NaN or garbage on a row with no key. Stand-in: an SDPA that returns NaN there;
+    sdpa_attention must still give the reference's zeros and finite gradients."""
+    sdpa = F.scaled_dot_product_attention
+
+    def nan_on_empty_rows(q, k, v, attn_mask=None, **kwargs):
+        out = sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+        if attn_mask is None:
+            return out
+        allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > -math.inf
+        empty = ~allowed.any(dim=-1, keepdim=True)  # (..., L, 1)
+        return torch.where(empty, out * math.nan, out) if empty.any() else out  # NaN forward and backward
+
+    monkeypatch.setattr(minina.attention.F, "scaled_dot_product_attention", nan_on_empty_rows)
+    q, k, v = (torch.randn(2, n, 4, dtype=torch.float64, requires_grad=True) for n in (3, 5, 5))
+    mask = random_mask(mask_kind, (3, 5), empty_rows=[0])
+    out = sdpa_attention(q, k, v, mask, is_causal=True)
+    torch.testing.assert_close(out, dot_product_attention(q, k, v, mask, is_causal=True))
+    out.sum().backward()
+    assert torch.equal(out[:, 0], torch.zeros(2, 4, dtype=torch.float64))
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_sdpa_attention_broadcasts_and_handles_no_keys():
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(1, 3, 5, 8), torch.randn(5, 2)
+    torch.testing.assert_close(sdpa_attention(q, k, v, is_causal=True), dot_product_attention(q, k, v, is_causal=True))
+    assert torch.equal(sdpa_attention(q, k[..., :0, :], v[:0]), torch.zeros(2, 3, 4, 2))
+
+
+@pytest.mark.parametrize("call", [
+    lambda q, s: dot_product_attention(q, q, q, None, 0.0, True),  # an SDPA call: dropout_p=0.0, is_causal=True
+    lambda q, s: sdpa_attention(q, q, q, None, True),
+    lambda q, s: neural_attention(q, q, q, s, None, True),
+    lambda q, s: minina.attention_weights(q, q, s, None, True),
+])
+def test_arguments_after_attn_mask_are_keyword_only(call):
+    with pytest.raises(TypeError, match=r"by keyword only.*is_causal=\.\.\..*dropout_p"):
+        call(torch.randn(3, 4), NeuralScore(4))
 
 
 def test_reference_equals_pair_loop():
@@ -80,7 +157,8 @@ def test_gradcheck_both_mechanisms():
     score = NeuralScore(4, proj_dim=2, hidden=(3, 2), activation="gelu").double()
     q, k, v = (torch.randn(1, 2, n, 4, dtype=torch.float64, requires_grad=True) for n in (3, 4, 4))
     mask = torch.tensor([[True, False, True, True]] * 3)
-    assert torch.autograd.gradcheck(lambda q, k, v: dot_product_attention(q, k, v, mask, True), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: dot_product_attention(q, k, v, mask, is_causal=True), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: sdpa_attention(q, k, v, mask, is_causal=True), (q, k, v))
     params = tuple(score.parameters())
 
     def f(q, k, v, *weights):
@@ -101,19 +179,20 @@ class _NeuralAttention(torch.nn.Module):
         return neural_attention(q, k, v, self.score, attn_mask=mask, is_causal=True, backend="reference")
 
 
-@pytest.mark.parametrize("fn", ["dot", "neural"])
+@pytest.mark.parametrize("fn", ["dot", "sdpa", "neural"])
 def test_fully_masked_row_gives_zeros_and_finite_grads(fn):
     q, k, v = (torch.randn(2, n, 4, requires_grad=True) for n in (3, 5, 5))
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[1] = False
     score = NeuralScore(4)
-    out = dot_product_attention(q, k, v, mask) if fn == "dot" else neural_attention(q, k, v, score, mask)
+    attention = {"dot": dot_product_attention, "sdpa": sdpa_attention}.get(fn)
+    out = attention(q, k, v, mask) if attention else neural_attention(q, k, v, score, mask)
     assert torch.equal(out[:, 1], torch.zeros(2, 4))
     assert torch.isfinite(out).all()
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     float_mask = torch.zeros(3, 5).masked_fill(~mask, -math.inf)
-    assert torch.equal(dot_product_attention(q, k, v, float_mask)[:, 1], torch.zeros(2, 4))
+    assert torch.equal((attention or dot_product_attention)(q, k, v, float_mask)[:, 1], torch.zeros(2, 4))
 
 
 def test_attention_weights_rows_sum_to_one():
@@ -133,20 +212,25 @@ def test_broadcast_batch_dims():
     torch.testing.assert_close(out[1], neural_attention(q[1], k[0], v, score))
 
 
-@pytest.mark.parametrize("fn", ["dot", "neural"])
+@pytest.mark.parametrize("fn", ["dot", "sdpa", "neural"])
 @pytest.mark.parametrize("args, error, match", [
     ((torch.randn(4), torch.randn(5, 4), torch.randn(5, 4)), ValueError, r"q must have shape.*\(4,\)"),
     ((torch.randn(3, 4), torch.randn(5, 6), torch.randn(5, 4)), ValueError, r"feature size.*\(3, 4\).*\(5, 6\)"),
     ((torch.randn(3, 4), torch.randn(5, 4), torch.randn(6, 4)), ValueError, r"key length.*\(5, 4\).*\(6, 4\)"),
     ((torch.randn(2, 3, 4), torch.randn(3, 5, 4), torch.randn(3, 5, 4)), ValueError, "do not broadcast"),
     (([[1.0]], torch.randn(5, 4), torch.randn(5, 4)), TypeError, "q must be a torch.Tensor"),
+    ((torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4)), TypeError,
+     "q, k, v must share one floating dtype, got q torch.float32, k torch.float64, v torch.float32"),
+    ((torch.ones(3, 4, dtype=torch.long),) * 3, TypeError, "floating dtype.*torch.int64"),
 ])
 def test_bad_inputs(fn, args, error, match):
     with pytest.raises(error, match=match):
         if fn == "dot":
             dot_product_attention(*args)
+        elif fn == "sdpa":
+            sdpa_attention(*args)
         else:
-            neural_attention(*args, NeuralScore(4))
+            neural_attention(*args[:3], NeuralScore(4))
 
 
 @pytest.mark.parametrize("mask, error, match", [
@@ -159,6 +243,8 @@ def test_bad_masks(mask, error, match):
     q, k, v = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4)
     with pytest.raises(error, match=match):
         dot_product_attention(q, k, v, attn_mask=mask)
+    with pytest.raises(error, match=match):
+        sdpa_attention(q, k, v, attn_mask=mask)
     with pytest.raises(error, match=match):
         neural_attention(q, k, v, NeuralScore(4), attn_mask=mask)
 

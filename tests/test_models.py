@@ -21,6 +21,43 @@ def test_mha_matches_manual_heads(kind):
         assert isinstance(mha.score, NeuralScore) and mha.kind == "neural"
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mha_dot_runs_sdpa_equal_to_the_written_out_reference(causal, masked):
+    """kind="dot" calls F.scaled_dot_product_attention; backend="reference" the written-out dot_product_attention.
+    Same weights, float64: equal outputs and gradients, also for cross-attention and rows a mask leaves empty."""
+    torch.manual_seed(1)
+    fast = MultiHeadAttention(16, heads=2, kind="dot", causal=causal).double()
+    reference = MultiHeadAttention(16, heads=2, kind="dot", causal=causal, backend="reference").double()
+    reference.load_state_dict(fast.state_dict())
+    x, context = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 6, 16, dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 1, 5, 6) > 0.3
+        mask[:, :, 2] = False  # query 2 has no key: zeros
+    for ctx in (None, context):
+        ctx_mask = None if mask is None else mask[..., :5] if ctx is None else mask  # (3, 1, 5, S)
+        outputs = [m(x, ctx, attn_mask=ctx_mask) for m in (fast, reference)]
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+        grads = [torch.autograd.grad(out.square().sum(), m.parameters()) for out, m in zip(outputs, (fast, reference))]
+        for fast_grad, reference_grad in zip(*grads):
+            torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ["dot", "hybrid"])
+def test_models_equal_their_written_out_reference(attention):
+    """The models' dot-product blocks on SDPA give the outputs of the written-out path, to float64 rounding."""
+    def build(backend):
+        torch.manual_seed(2)
+        lm = TransformerLM(13, 64, depth=2, heads=2, max_seq_len=9, attention=attention, backend=backend)
+        vit = VisionTransformer(8, 4, 5, 64, depth=2, heads=2, channels=1, attention=attention, backend=backend)
+        return lm.double(), vit.double()
+    (lm, vit), (lm_ref, vit_ref) = build("auto"), build("reference")
+    idx, images = torch.randint(0, 13, (3, 9)), torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(lm(idx), lm_ref(idx), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vit(images), vit_ref(images), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["dot", "neural"])
 def test_cross_attention_and_mask(kind):
     mha = MultiHeadAttention(12, heads=3, kind=kind, dim_head=5)
@@ -72,6 +109,31 @@ def test_generate_extends_and_respects_window():
     assert out.shape == (2, 7) and out.max() < 7
     with pytest.raises(ValueError, match="temperature"):
         lm.generate(out, 1, temperature=0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m.generate(torch.zeros(1, 1, dtype=torch.long), 2, top_k=0), "top_k must be None or an int >= 1, got 0"),
+    (lambda m: m.generate(torch.zeros(2, 0, dtype=torch.long), 2), r"prompt of shape \(B, T\) with T >= 1.*\(2, 0\)"),
+    (lambda m: m.generate(torch.zeros(1, 1, dtype=torch.long), -1), "max_new_tokens must be an int >= 0"),
+    (lambda m: m(torch.tensor([[1, 7, 2]])), r"token ids in \[0, vocab_size=7\), got values in \[1, 7\]"),
+    (lambda m: m(torch.tensor([[-1, 3]])), r"token ids in \[0, vocab_size=7\), got values in \[-1, 3\]"),
+    (lambda m: m.generate(torch.tensor([[9]]), 1), r"vocab_size=7"),
+    (lambda m: m.loss(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[0, 7, 1]])), r"targets must hold.*\[0, 7\]"),
+    (lambda m: m.loss(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)),
+     r"targets must have the shape of idx \(1, 3\), got \(1, 2\)"),
+])
+def test_lm_bad_ids_and_generate_arguments(call, match):
+    """Errors that name the argument instead of an IndexError (or, on CUDA, a device-side assert)."""
+    with pytest.raises(ValueError, match=match):
+        call(TransformerLM(7, 16, depth=1, heads=2, max_seq_len=4))
+
+
+def test_check_ids_false_skips_only_the_range_check():
+    lm = TransformerLM(7, 16, depth=1, heads=2, max_seq_len=4).eval()
+    idx = torch.randint(0, 7, (2, 4))
+    torch.testing.assert_close(lm(idx, check_ids=False), lm(idx))
+    with pytest.raises(IndexError):
+        lm(torch.tensor([[7]]), check_ids=False)
 
 
 @pytest.mark.parametrize("build, call, match", [

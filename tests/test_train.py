@@ -1,4 +1,6 @@
-"""minina.train: exact resume (paused, Ctrl-C), safe checkpoints, metrics checked by hand, DDP under torchrun, CLI."""
+"""minina.train: exact resume (paused, Ctrl-C), safe checkpoints, metrics checked by hand, optimizer groups, gradient
+accumulation, precision choice, torch.compile, no per-step waits, DDP under torchrun, CLI."""
+import argparse
 import csv
 import dataclasses
 import json
@@ -15,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import minina.train as train_module
+from minina import NeuralScore
 from minina.__main__ import main as cli
 from minina.data import lm_eval_batches, load_images, load_text
-from minina.train import CONFIGS, TrainConfig, build_model, check_config, learning_rate_factor, train
+from minina.train import (CONFIGS, TrainConfig, autocast_dtype, build_model, check_config, learning_rate_factor,
+                          make_optimizer, train)
 
 DATA = os.environ.get("MININA_DATA")
 needs_data = pytest.mark.skipif(not DATA or not pathlib.Path(DATA, "tinyshakespeare").is_dir(),
@@ -136,6 +140,19 @@ def test_resume_errors(lm_run, tmp_path):
         train(tiny_lm(out, dim=64), resume=True, progress=False)
     with pytest.raises(ValueError, match="stop_after must be a positive int"):
         train(tiny_lm(tmp_path), stop_after=0, progress=False)
+    with pytest.raises(ValueError, match=r"cannot resume.*grad_accum: checkpoint 1, now 2"):
+        train(tiny_lm(out, grad_accum=2), resume=True, progress=False)
+
+
+@needs_data
+def test_checkpoints_older_than_a_config_field_still_resume(tmp_path):
+    """A checkpoint written before grad_accum, log_every, dtype and compile existed resumes with their defaults."""
+    train(tiny_lm(tmp_path, max_steps=4, eval_every=2, eval_batches=1), stop_after=2, progress=False)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for name in ("grad_accum", "log_every", "dtype", "compile"):
+        del checkpoint["config"][name]
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    assert train(tiny_lm(tmp_path, max_steps=4, eval_every=2, eval_batches=1), resume=True, progress=False)["steps"] == 4
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -145,7 +162,8 @@ def test_resume_errors(lm_run, tmp_path):
 def test_lm_metrics_match_a_hand_evaluation_of_the_checkpoint(lm_run):
     summary, out = lm_run
     header, *body = rows(out)
-    assert header == ["step", "train_loss", "val_loss", "perplexity", "lr", "tokens_per_s"]
+    assert header == ["step", "train_loss", "val_loss", "perplexity", "lr", "tokens_per_s", "peak_memory_mib"]
+    assert all(float(row[5]) > 0 and row[6] == "" for row in body)  # peak memory is measured on CUDA only
     assert [int(row[0]) for row in body] == [10, 20, 30, 40]
     assert float(body[-1][2]) == pytest.approx(summary["val_loss"], rel=1e-6)
     config = tiny_lm(out)
@@ -170,7 +188,7 @@ def test_vit_accuracy_matches_a_hand_evaluation(tmp_path):
     """With image_size=16 the loop resizes the 32x32 images first; the hand evaluation does it too."""
     config = tiny_vit(tmp_path, max_steps=3, eval_every=3, image_size=16)
     summary = train(config, progress=False)
-    assert rows(tmp_path)[0] == ["step", "train_loss", "val_loss", "accuracy", "lr", "images_per_s"]
+    assert rows(tmp_path)[0] == ["step", "train_loss", "val_loss", "accuracy", "lr", "images_per_s", "peak_memory_mib"]
     images = load_images("cifar10", train_size=64)
     model = build_model(config, num_classes=10, image_size=32, channels=3)
     model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"])
@@ -216,13 +234,18 @@ def test_build_model_sets_the_neural_score_of_hybrid_models_only():
 
 
 def test_named_configs_are_the_papers_settings():
+    """Paper text where it speaks (12 heads of 64 for the ViT, d' = head_dim / 32), the released scripts where it
+    is silent (dropout 0.1, batch size 1, learning rates); the neural block gets d' = 2 in both."""
     lm, vit = CONFIGS["paper-lm"], CONFIGS["paper-vit"]
-    assert (lm.dataset, lm.dim, lm.depth, lm.heads, lm.seq_len, lm.attention, lm.proj_dim) == \
-        ("wikitext103", 512, 8, 8, 1024, "hybrid", 2)
-    assert (vit.dataset, vit.dim, vit.depth, vit.attention, vit.image_size // vit.patch_size) == \
-        ("cifar10", 768, 12, "hybrid", 28)
+    assert (lm.dataset, lm.dim, lm.depth, lm.heads, lm.seq_len, lm.attention, lm.dropout, lm.batch_size, lm.lr) == \
+        ("wikitext103", 512, 8, 8, 1024, "hybrid", 0.1, 1, 3e-4)
+    assert (vit.dataset, vit.dim, vit.depth, vit.heads, vit.attention, vit.image_size // vit.patch_size,
+            vit.dropout, vit.batch_size, vit.lr) == ("cifar10", 768, 12, 12, "hybrid", 28, 0.1, 1, 5e-5)
     for config in CONFIGS.values():
         check_config(config)
+        model = build_model(dataclasses.replace(config, depth=1), vocab_size=50, num_classes=10, image_size=224,
+                            channels=3)
+        assert model.blocks[0].attn.score.proj_dim == 2 and model.blocks[0].attn.dim_head == 64
 
 
 @pytest.mark.parametrize("change, match", [
@@ -240,6 +263,10 @@ def test_named_configs_are_the_papers_settings():
     (dict(score_options="gelu"), "score_options must be a dict or None"),
     (dict(backend="flash"), "backend must be one of"),
     (dict(device="tpu9"), "device must be 'auto' or a torch device"),
+    (dict(grad_accum=0), "grad_accum must be a positive int"),
+    (dict(log_every=0), "log_every must be a positive int"),
+    (dict(dtype="fp8"), "dtype must be one of"),
+    (dict(compile="yes"), "compile must be a bool"),
 ])
 def test_bad_config_values_are_refused(change, match, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -248,9 +275,175 @@ def test_bad_config_values_are_refused(change, match, tmp_path):
         check_config({"task": "lm"})
 
 
+def test_named_config_and_flag_overrides():
+    """--config NAME starts from the named config, flags given with it override it (here: the released ViT script's
+    8 heads, so d' = 3, on an fp16 GPU with accumulation)."""
+    parser = argparse.ArgumentParser()
+    train_module.add_arguments(parser)
+    args = parser.parse_args(["--config", "paper-vit", "--heads", "8", "--proj-dim", "3", "--dtype", "fp16",
+                              "--grad-accum", "4", "--log-every", "100", "--compile"])
+    assert train_module.config_from_args(args) == dataclasses.replace(
+        CONFIGS["paper-vit"], heads=8, proj_dim=3, dtype="fp16", grad_accum=4, log_every=100, compile=True)
+    assert train_module.config_from_args(parser.parse_args(["--config", "paper-lm"])) == CONFIGS["paper-lm"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "fp8"])
+
+
 def test_default_out_names_the_run():
     assert TrainConfig(task="vit", dataset="/data/trees/pets", attention="dot", seed=3).out == \
         "runs/vit-pets-dot-seed3"
+
+
+# ------------------------------------------------------------------------------ optimizer, dtype, accumulation
+
+
+def decay_groups(model, config=TrainConfig(weight_decay=0.1)):
+    """{parameter name: its weight decay} of make_optimizer's groups."""
+    optimizer = make_optimizer(model, config)
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert len(decay) == len(list(model.parameters()))  # every parameter once
+    return {name: decay[id(p)] for name, p in model.named_parameters()}
+
+
+def test_optimizer_decays_linear_and_conv_weights_only():
+    """By name: the weights of Linear (attention, MLP, score MLP, head) and Conv layers decay; biases, norms,
+    embeddings (the LM's tied head with them), cls_token, pos_emb and a learned logit scale do not."""
+    lm = build_model(TrainConfig(dim=64, depth=2, heads=2, seq_len=8, score_options={"learn_scale": True}),
+                     vocab_size=11)
+    decay = decay_groups(lm)
+    decayed = {name for name, value in decay.items() if value == 0.1}
+    linear = ["attn.to_q", "attn.to_kv", "attn.to_out", "mlp.0", "mlp.2"]
+    score = ["attn.score.q_proj", "attn.score.k_proj", "attn.score.mlp.0", "attn.score.mlp.2", "attn.score.mlp.4"]
+    assert decayed == {f"blocks.{i}.{layer}.weight" for i in (0, 1) for layer in linear} | \
+        {f"blocks.0.{layer}.weight" for layer in score}
+    assert set(decay) - decayed >= {"token_emb.weight", "pos_emb.weight", "blocks.0.attn.score.logit_scale",
+                                    "blocks.0.attn.score.mlp.0.bias", "blocks.1.ln_attn.weight", "ln_out.bias"}
+    assert lm.head.weight is lm.token_emb.weight and "head.weight" not in decay  # tied: one tensor, an embedding
+    assert decay["token_emb.weight"] == 0.0
+    vit = build_model(TrainConfig(task="vit", dataset="cifar10", dim=64, depth=2, heads=2, attention="neural"),
+                      num_classes=10, image_size=8, channels=3)
+    decay = decay_groups(vit)
+    assert {name for name, value in decay.items() if value == 0.1} == \
+        {f"blocks.{i}.{layer}.weight" for i in (0, 1) for layer in linear + score} | {"patch_emb.weight", "head.weight"}
+    no_decay = ("cls_token", "pos_emb", "patch_emb.bias", "blocks.0.attn.score.mlp.4.bias", "blocks.1.ln_mlp.weight")
+    assert all(decay[name] == 0.0 for name in no_decay)
+    optimizer = make_optimizer(vit, TrainConfig())
+    assert not optimizer.defaults["fused"] and optimizer.defaults["betas"] == (0.9, 0.95)  # fused on CUDA only
+
+
+def test_optimizer_counts_a_bare_score_module():
+    score = NeuralScore(64)
+    decay = decay_groups(score)
+    assert {name for name, value in decay.items() if value} == {"q_proj.weight", "k_proj.weight", "mlp.0.weight",
+                                                                 "mlp.2.weight", "mlp.4.weight"}
+
+
+@pytest.mark.parametrize("dtype, device, capability, expected", [
+    ("auto", "cuda", (7, 5), torch.float16),   # T4: no bf16, fp16 with a gradient scaler
+    ("auto", "cuda", (7, 0), torch.float16),   # V100
+    ("auto", "cuda", (8, 0), torch.bfloat16),  # A100
+    ("auto", "cuda", (9, 0), torch.bfloat16),  # H100
+    ("auto", "cpu", None, torch.float32),
+    ("fp16", "cuda", (7, 5), torch.float16),
+    ("fp32", "cuda", (9, 0), torch.float32),
+    ("bf16", "cpu", None, torch.bfloat16),
+    ("bf16", "cuda", (8, 6), torch.bfloat16),
+])
+def test_autocast_dtype_choice(dtype, device, capability, expected):
+    assert autocast_dtype(dtype, device, capability) == expected
+
+
+def test_autocast_dtype_refuses_what_cannot_work():
+    with pytest.raises(ValueError, match=r"'bf16' needs a GPU of compute capability 8.0 or more, this one has 7.5"):
+        autocast_dtype("bf16", "cuda", (7, 5))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        autocast_dtype("float16", "cpu")
+    with pytest.raises(ValueError, match="needs the GPU's capability"):
+        autocast_dtype("auto", "cuda")
+
+
+def final_weights(out):
+    return torch.load(pathlib.Path(out, "checkpoint.pt"), weights_only=True)["model"]
+
+
+@needs_data
+@pytest.mark.parametrize("task", ["lm", "vit"])
+def test_grad_accum_equals_the_full_batch_and_resumes_exactly(task, tmp_path):
+    """grad_accum=2 with half the batch takes the steps of the full batch (same data, same gradients, to float
+    rounding; over two steps, as Adam's first steps, about lr * sign(gradient), would magnify a rounding difference
+    on a near-zero gradient); paused after step 1 and resumed, it equals itself exactly."""
+    tiny = {"lm": tiny_lm, "vit": tiny_vit}[task]
+    settings = dict(max_steps=2, eval_every=1)
+    full = train(tiny(tmp_path / "full", batch_size=8, eval_batches=2, **settings), progress=False)
+    settings.update(eval_batches=4)  # evaluation batches have batch_size rows: the same 16 examples
+    accumulated = train(tiny(tmp_path / "accum", batch_size=4, grad_accum=2, **settings), progress=False)
+    for a, b in zip(rows(tmp_path / "full")[1:], rows(tmp_path / "accum")[1:], strict=True):
+        assert a[0] == b[0] and [float(v) for v in a[1:5]] == pytest.approx([float(v) for v in b[1:5]], rel=1e-5)
+    assert accumulated["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
+    weights, accumulated_weights = final_weights(tmp_path / "full"), final_weights(tmp_path / "accum")
+    for name in weights:
+        torch.testing.assert_close(accumulated_weights[name], weights[name], rtol=1e-4, atol=1e-6)
+    train(tiny(tmp_path / "paused", batch_size=4, grad_accum=2, **settings), stop_after=1, progress=False)
+    train(tiny(tmp_path / "paused", batch_size=4, grad_accum=2, **settings), resume=True, progress=False)
+    assert loss_rows(tmp_path / "paused") == loss_rows(tmp_path / "accum")
+    resumed = final_weights(tmp_path / "paused")
+    assert all(torch.equal(resumed[name], accumulated_weights[name]) for name in resumed)
+
+
+@needs_data
+def test_the_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    """Reading a number back (item, bool) makes the host wait for the GPU: minina's loop and models do it at
+    evaluations and every log_every steps for the progress bar, never once per step. (PyTorch's AdamW reads its
+    step counter, a CPU tensor, with item(); that is no wait.)"""
+    package = pathlib.Path(train_module.__file__).parent
+    reads = []
+    for method in ("item", "__bool__"):
+        original = getattr(torch.Tensor, method)
+
+        def counting(self, _original=original):
+            caller = pathlib.Path(sys._getframe(1).f_code.co_filename)
+            if caller.parent == package and caller.name != "data.py":  # data.py works on CPU tensors only
+                reads.append(f"{caller.name}:{sys._getframe(1).f_lineno}")
+            return _original(self)
+        monkeypatch.setattr(torch.Tensor, method, counting)
+    train(tiny_lm(tmp_path, max_steps=30, eval_every=30, eval_batches=1), progress=False)
+    assert 0 < len(reads) <= 4, reads  # the evaluation and the checkpoint of step 30, not 30 steps' worth
+    reads.clear()
+    train(tiny_lm(tmp_path / "bar", max_steps=30, eval_every=30, eval_batches=1, log_every=10), progress=True)
+    assert len(reads) <= 4 + 3, reads  # and the progress bar's loss at steps 10, 20, 30
+
+
+@needs_data
+def test_fp16_with_a_gradient_scaler_trains_and_resumes_exactly(tmp_path):
+    """The T4/V100 path (dtype fp16 + GradScaler), run under CPU autocast: close to fp32, and its scaler state
+    travels in the checkpoint so a resumed run equals an uninterrupted one."""
+    settings = dict(max_steps=4, eval_every=2, eval_batches=1)
+    fp32 = train(tiny_lm(tmp_path / "fp32", **settings), progress=False)
+    fp16 = train(tiny_lm(tmp_path / "fp16", dtype="fp16", **settings), progress=False)
+    assert fp16["val_loss"] == pytest.approx(fp32["val_loss"], rel=1e-2)
+    scaler = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] == 2.0 ** 16 and scaler["_growth_tracker"] == 4  # 4 steps without overflow
+    train(tiny_lm(tmp_path / "paused", dtype="fp16", **settings), stop_after=3, progress=False)
+    train(tiny_lm(tmp_path / "paused", dtype="fp16", **settings), resume=True, progress=False)
+    assert loss_rows(tmp_path / "paused") == loss_rows(tmp_path / "fp16")
+
+
+def compiler_works():
+    try:
+        return bool(torch.compile(lambda x: x * 2)(torch.ones(2)).sum() == 4)
+    except Exception:  # no C++ compiler, unsupported Python: anything that stops inductor
+        return False
+
+
+@needs_data
+@pytest.mark.skipif(not compiler_works(), reason="torch.compile does not work here")
+def test_compile_trains_like_eager(tmp_path):
+    settings = dict(attention="dot", depth=1, max_steps=3, eval_every=3, eval_batches=1)  # a short compile
+    eager = train(tiny_lm(tmp_path / "eager", **settings), progress=False)
+    compiled = train(tiny_lm(tmp_path / "compiled", compile=True, **settings), progress=False)
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
+    assert set(final_weights(tmp_path / "compiled")) == set(final_weights(tmp_path / "eager"))  # no _orig_mod.
 
 
 # ------------------------------------------------------------------------------------------ processes and CLI
