@@ -1,21 +1,28 @@
-"""`python -m minina bench`: time and peak memory of one attention forward+backward, per backend and length N.
+"""`python -m minina bench`: time and peak memory of one attention forward+backward (or forward), per backend and N.
 
-Method. Every (backend, N) case runs in a fresh Python process, so no case inherits another's allocations.
+Method. Every (backend, pass, N) case runs in a fresh Python process, so no case inherits another's allocations.
 Inside it: build q, k, v (B, H, N, E) with requires_grad, the NeuralScore and a fixed output gradient; run the
-backend once at N=16 so one-time library set-up is not counted; reset the peak counter; run forward+backward
-once; peak extra memory = peak - memory in use at the reset. It includes the output and the input gradients.
+backend once at N=16 so one-time library set-up is not counted (triton also once at N: it autotunes per shape);
+reset the peak counter; run the pass once; peak extra memory = peak - memory in use at the reset. A "fwd+bwd" pass
+is forward then backward, and its peak includes the output and the input gradients; a "fwd" pass is the forward
+alone under torch.no_grad (inference).
 - CUDA: torch.cuda.reset_peak_memory_stats and max_memory_allocated - memory_allocated (exact tensor bytes).
 - CPU: PyTorch's CPU allocator keeps no peak counter and tracemalloc does not see its allocations, so we read
   the process's resident set: writing "5" to /proc/self/clear_refs resets the kernel's high-water mark VmHWM to
   the current VmRSS (Linux >= 4.0), and peak = VmHWM. Pages the C allocator keeps after a free are counted, so
   this can overstate live bytes slightly, never understate them. Without /proc (macOS) the fallback is the
   ru_maxrss delta, which reads 0 when the run stays below an earlier peak of the process.
-Time: the median wall-clock time of up to `repeats` further forward+backward runs, fewer once the case has
-run TIME_BUDGET_S (synchronized on CUDA); the measured run's time if there are none.
+Time: the median wall-clock time of up to `repeats` further runs of the pass, fewer once the case has run
+TIME_BUDGET_S (synchronized on CUDA); the measured run's time if there are none.
+
+`--check` (CUDA only) is the one GPU script: it runs tests/test_triton.py on the GPU (every kernel config, fp32,
+fp16 and bf16 against the float64 reference, the flash-attention error rule) and, if they pass, the table of SDPA,
+triton and chunked for N = 1k..16k, forward and forward+backward.
 """
 import csv
 import functools
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -50,6 +57,11 @@ BACKENDS = {
 DEFAULT_MAX_N = {"reference": 2048}  # its (B, H, N, N, 2P) pair tensor takes ~6 GB at N=4096 with our defaults
 MIB = 2 ** 20
 TIME_BUDGET_S = 2.0  # no further timed runs once a case has run this long
+PASSES = ("fwd", "fwd+bwd")
+TUNED_PER_SHAPE = ("triton",)  # backends whose first call at a new N autotunes: warmed up at N too
+CHECK_NS = (1024, 2048, 4096, 8192, 16384)
+CHECK_BACKENDS = ("sdpa", "triton", "chunked")
+TRITON_TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_triton.py"
 
 
 def _read_proc_status(field):
@@ -85,8 +97,10 @@ def _max_rss():
 
 
 def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_dim=64, proj_dim=2, causal=True,
-            repeats=3, threads=None, seed=0):
-    """One case in this process: {"time_s", "peak_mib"} of one forward+backward (see the module docstring)."""
+            repeats=3, threads=None, seed=0, pass_="fwd+bwd"):
+    """One case in this process: {"time_s", "peak_mib"} of one pass_ (see the module docstring)."""
+    if pass_ not in PASSES:
+        raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
     if threads:
         torch.set_num_threads(threads)
     device, dtype = torch.device(device), getattr(torch, dtype)
@@ -100,25 +114,31 @@ def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_di
                    for _ in range(3))  # (B, H, N, E)
         return q, k, v, torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
 
-    def forward_backward(q, k, v, grad_out):
+    def run(q, k, v, grad_out):
         for leaf in (q, k, v, *leaves):
             leaf.grad = None
-        attention(q, k, v, score, causal).backward(grad_out)
+        if pass_ == "fwd":
+            with torch.no_grad():
+                attention(q, k, v, score, causal)
+        else:
+            attention(q, k, v, score, causal).backward(grad_out)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    forward_backward(*inputs(16))  # library set-up (thread pools, kernels) is not part of the measurement
+    run(*inputs(16))  # library set-up (thread pools, kernels) is not part of the measurement
     tensors = inputs(n)
+    if backend in TUNED_PER_SHAPE:
+        run(*tensors)  # nor is autotuning for this shape
     in_use = _reset_peak(device)
     start = time.perf_counter()
-    forward_backward(*tensors)
+    run(*tensors)
     times = [time.perf_counter() - start]
     peak = _read_peak(device) - in_use
     for _ in range(repeats):
         if sum(times) > TIME_BUDGET_S:
             break
         start = time.perf_counter()
-        forward_backward(*tensors)
+        run(*tensors)
         times.append(time.perf_counter() - start)
     return {"time_s": statistics.median(times[1:] or times), "peak_mib": peak / MIB}
 
@@ -133,15 +153,19 @@ def measure_in_fresh_process(**case):
 
 
 def benchmark(ns=(256, 512, 1024, 2048, 4096), device="cpu", dtype=torch.float32, backends=None, batch=1, heads=8,
-              head_dim=64, proj_dim=2, causal=True, repeats=3, threads=None, max_n=None, progress=print):
-    """Time and peak extra memory of one forward+backward for each backend and N; returns a list of dict rows.
+              head_dim=64, proj_dim=2, causal=True, repeats=3, threads=None, max_n=None, progress=print,
+              passes=("fwd+bwd",)):
+    """Time and peak extra memory of one pass for each backend, pass and N; returns a list of dict rows.
 
     backends: names from BACKENDS (default: all that run on device); max_n: {backend: largest N to run}
-    (default DEFAULT_MAX_N). Each row: backend, n, time_s, peak_mib, time_vs_sdpa, memory_vs_sdpa (None
-    without an sdpa row at that N) and the settings. progress(text) is called once per case.
+    (default DEFAULT_MAX_N); passes: from PASSES. Each row: backend, pass, n, time_s, peak_mib, time_vs_sdpa,
+    memory_vs_sdpa (None without an sdpa row at that pass and N) and the settings. progress(text) is called once
+    per case.
     """
     if not ns or any(not isinstance(n, int) or n < 1 for n in ns):
         raise ValueError(f"ns must be a non-empty list of positive ints, got {ns!r}")
+    if not passes or any(pass_ not in PASSES for pass_ in passes):
+        raise ValueError(f"passes must be a non-empty list from {PASSES}, got {passes!r}")
     device = torch.device(device)
     dtype_name = str(dtype).removeprefix("torch.")
     backends = [name for name, (_, devices) in BACKENDS.items() if device.type in devices] if backends is None \
@@ -153,17 +177,18 @@ def benchmark(ns=(256, 512, 1024, 2048, 4096), device="cpu", dtype=torch.float32
     settings = dict(device=str(device), dtype=dtype_name, batch=batch, heads=heads, head_dim=head_dim,
                     proj_dim=proj_dim, causal=causal, threads=threads or torch.get_num_threads())
     rows = []
-    for n in ns:
-        for backend in backends:
-            if n > max_n.get(backend, n):
-                continue
-            if progress:
-                progress(f"  {backend} N={n} ...")
-            figures = measure_in_fresh_process(backend=backend, n=n, repeats=repeats, **settings)
-            rows.append({"backend": backend, "n": n, **figures, **settings})
-    sdpa = {row["n"]: row for row in rows if row["backend"] == "sdpa"}
+    for pass_ in passes:
+        for n in ns:
+            for backend in backends:
+                if n > max_n.get(backend, n):
+                    continue
+                if progress:
+                    progress(f"  {backend} {pass_} N={n} ...")
+                figures = measure_in_fresh_process(backend=backend, n=n, repeats=repeats, pass_=pass_, **settings)
+                rows.append({"backend": backend, "pass": pass_, "n": n, **figures, **settings})
+    sdpa = {(row["pass"], row["n"]): row for row in rows if row["backend"] == "sdpa"}
     for row in rows:
-        base = sdpa.get(row["n"])
+        base = sdpa.get((row["pass"], row["n"]))
         row["time_vs_sdpa"] = row["time_s"] / base["time_s"] if base else None
         row["memory_vs_sdpa"] = row["peak_mib"] / base["peak_mib"] if base and base["peak_mib"] > 0 else None
     return rows
@@ -174,17 +199,22 @@ def _ratio(value):
 
 
 def format_table(rows):
-    """The rows as a Markdown table with ratios against SDPA."""
-    lines = ["| backend | N | time (ms) | peak extra memory (MiB) | time / SDPA | memory / SDPA |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    """The rows as a Markdown table with ratios against SDPA; a pass column when the rows hold more than one."""
+    several = len({row.get("pass", "fwd+bwd") for row in rows}) > 1
+    pass_header, pass_rule = ("pass | ", "--- | ") if several else ("", "")
+    lines = [f"| backend | {pass_header}N | time (ms) | peak extra memory (MiB) | time / SDPA | memory / SDPA |",
+             f"| --- | {pass_rule}---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
-        lines.append(f"| {row['backend']} | {row['n']} | {1000 * row['time_s']:.1f} | {row['peak_mib']:.1f} | "
-                     f"{_ratio(row['time_vs_sdpa'])} | {_ratio(row['memory_vs_sdpa'])} |")
+        pass_cell = f"{row['pass']} | " if several else ""
+        lines.append(f"| {row['backend']} | {pass_cell}{row['n']} | {1000 * row['time_s']:.1f} | "
+                     f"{row['peak_mib']:.1f} | {_ratio(row['time_vs_sdpa'])} | {_ratio(row['memory_vs_sdpa'])} |")
     return "\n".join(lines)
 
 
 def summarize(rows):
-    """Lines comparing chunked with the reference at the largest shared N, and memory growth per doubling of N."""
+    """Lines comparing chunked with the reference at the largest shared N, and memory growth per doubling of N,
+    from the forward+backward rows (all rows if there are none)."""
+    rows = [row for row in rows if row.get("pass", "fwd+bwd") == "fwd+bwd"] or rows
     by_key = {(row["backend"], row["n"]): row for row in rows}
     lines = []
     shared = [n for backend, n in by_key if backend == "chunked" and ("reference", n) in by_key]
@@ -219,13 +249,18 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for backend in dict.fromkeys(row["backend"] for row in rows):
-        own = [row for row in rows if row["backend"] == backend]
+    passes = list(dict.fromkeys(row.get("pass", "fwd+bwd") for row in rows))
+    for backend, pass_ in dict.fromkeys((row["backend"], row.get("pass", "fwd+bwd")) for row in rows):
+        own = [row for row in rows if row["backend"] == backend and row.get("pass", "fwd+bwd") == pass_]
         ns = [row["n"] for row in own]
-        time_axis.plot(ns, [row["time_s"] for row in own], "o-", label=backend)
-        memory_axis.plot(ns, [max(row["peak_mib"], 1e-2) for row in own], "o-", label=backend)  # log needs > 0
+        label, style = (f"{backend} {pass_}", "o-" if pass_ == "fwd+bwd" else "s--") if len(passes) > 1 \
+            else (backend, "o-")
+        time_axis.plot(ns, [row["time_s"] for row in own], style, label=label)
+        memory_axis.plot(ns, [max(row["peak_mib"], 1e-2) for row in own], style, label=label)  # log needs > 0
     first = rows[0]
-    for axis, label in ((time_axis, "forward + backward time (s)"), (memory_axis, "peak extra memory (MiB)")):
+    time_label = {("fwd+bwd",): "forward + backward time (s)", ("fwd",): "forward time (s)"}.get(tuple(passes),
+                                                                                                 "time (s)")
+    for axis, label in ((time_axis, time_label), (memory_axis, "peak extra memory (MiB)")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("sequence length N")
@@ -242,13 +277,45 @@ def plot(rows, path):
     plt.close(figure)
 
 
+def write_markdown(rows, path, description):
+    """description, the Markdown table and the summary lines, saved at path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{description}\n\n{format_table(rows)}\n\n" + "\n".join(summarize(rows)) + "\n")
+
+
+def require_cuda(device):
+    """What --check needs: a CUDA device and a GPU; otherwise SystemExit with a message that says so."""
+    available = torch.cuda.is_available()
+    if torch.device(device).type != "cuda" or not available:
+        raise SystemExit(f"--check runs the Triton kernels and their tests on a CUDA GPU, but got --device {device} "
+                         f"and torch.cuda.is_available() = {available}; run it on a GPU machine with --device cuda")
+
+
+def run_triton_tests(out):
+    """pytest tests/test_triton.py in a subprocess, compiled for the GPU; its output saved as out/check.txt.
+    Returns (passed, pytest's summary line)."""
+    if not TRITON_TESTS.exists():
+        raise SystemExit(f"--check runs {TRITON_TESTS}, which is missing: run it from a source checkout of minina")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}  # compile, not interpret
+    result = subprocess.run([sys.executable, "-m", "pytest", str(TRITON_TESTS), "-q", "-p", "no:cacheprovider"],
+                            capture_output=True, text=True, env=env, cwd=TRITON_TESTS.parents[1])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "check.txt").write_text(result.stdout + result.stderr)
+    lines = result.stdout.strip().splitlines()
+    return result.returncode == 0, lines[-1] if lines else result.stderr.strip()[-500:]
+
+
 def add_arguments(parser):
-    parser.add_argument("--ns", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096],
-                        help="sequence lengths (default 256 512 1024 2048 4096)")
+    parser.add_argument("--ns", type=int, nargs="+", default=None,
+                        help="sequence lengths (default 256 512 1024 2048 4096; 1024 to 16384 with --check)")
     parser.add_argument("--backends", nargs="+", choices=sorted(BACKENDS), default=None,
-                        help="default: every backend that runs on --device")
+                        help="default: every backend that runs on --device (sdpa triton chunked with --check)")
+    parser.add_argument("--passes", nargs="+", choices=PASSES, default=None,
+                        help="fwd+bwd (default), fwd, or both (both with --check)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
+                        help="default float32; with --check bfloat16 (float16 below compute capability 8.0)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -258,21 +325,41 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
     parser.add_argument("--reference-max-n", type=int, default=DEFAULT_MAX_N["reference"],
                         help="skip the reference above this N (default %(default)s)")
-    parser.add_argument("--out", default="runs/bench", help="folder for bench.csv and bench.png")
+    parser.add_argument("--check", action="store_true",
+                        help="the GPU check: run tests/test_triton.py on the GPU, then (if they pass) the table of "
+                             "sdpa, triton and chunked for N = 1k..16k, forward and forward+backward")
+    parser.add_argument("--out", default="runs/bench", help="folder for bench.csv, bench.png, bench.md (and "
+                                                            "check.txt with --check)")
 
 
 def main(args):
     start = time.perf_counter()
-    rows = benchmark(args.ns, args.device, getattr(torch, args.dtype), args.backends, args.batch, args.heads,
-                     args.head_dim, args.proj_dim, args.causal, args.repeats, args.threads,
-                     {"reference": args.reference_max_n})
     out = Path(args.out)
+    if args.check:
+        require_cuda(args.device)
+        print(f"running {TRITON_TESTS} on {torch.cuda.get_device_name(args.device)} ...")
+        passed, summary = run_triton_tests(out)
+        print(f"  {summary} (output in {out / 'check.txt'})")
+        if not passed:
+            raise SystemExit(f"the Triton tests failed on this GPU (see {out / 'check.txt'}); nothing was timed")
+    capable = args.check and torch.cuda.get_device_capability(args.device) >= (8, 0)
+    dtype = args.dtype or ("float32" if not args.check else "bfloat16" if capable else "float16")
+    passes = args.passes or (PASSES if args.check else ("fwd+bwd",))
+    rows = benchmark(args.ns or (CHECK_NS if args.check else (256, 512, 1024, 2048, 4096)), args.device,
+                     getattr(torch, dtype), args.backends or (CHECK_BACKENDS if args.check else None), args.batch,
+                     args.heads, args.head_dim, args.proj_dim, args.causal, args.repeats, args.threads,
+                     {"reference": args.reference_max_n}, passes=passes)
+    first = rows[0]
+    where = torch.cuda.get_device_name(args.device) if first["device"].startswith("cuda") else \
+        f"{first['device']}, {first['threads']} CPU thread(s)"
+    description = (f"One {' / '.join(passes)} pass per case, B={args.batch}, H={args.heads}, head_dim={args.head_dim}, "
+                   f"d'={args.proj_dim}, {'causal' if args.causal else 'full'}, {dtype}, {where}; each case in a "
+                   "fresh process (method: python -c 'import minina.bench; help(minina.bench)').")
     write_csv(rows, out / "bench.csv")
     plot(rows, out / "bench.png")
-    first = rows[0]
-    print(f"\nOne forward+backward, B={args.batch}, H={args.heads}, head_dim={args.head_dim}, d'={args.proj_dim}, "
-          f"{'causal' if args.causal else 'full'}, {args.dtype}, {first['device']}, {first['threads']} CPU thread(s); "
-          "each case in a fresh process (method: python -c 'import minina.bench; help(minina.bench)').\n")
+    write_markdown(rows, out / "bench.md", description)
+    print(f"\n{description}\n")
     print(format_table(rows))
     print("\n" + "\n".join(summarize(rows)))
-    print(f"\nwrote {out / 'bench.csv'} and {out / 'bench.png'} in {time.perf_counter() - start:.0f} s")
+    print(f"\nwrote {out / 'bench.csv'}, {out / 'bench.png'} and {out / 'bench.md'} in "
+          f"{time.perf_counter() - start:.0f} s")

@@ -3,24 +3,34 @@
 Provenance: the structure of FlashAttention-2 (Dao 2023) as laid out in Triton's fused-attention tutorial, written
 again in our own words for a score that is a small MLP instead of a dot product. Each program owns one block of
 BLOCK_M queries, loops over blocks of BLOCK_N keys, recomputes the pair MLP on the (BLOCK_M, BLOCK_N) tile, and
-keeps a running max m_i, running sum l_i and accumulator acc (online softmax). The logsumexp of every row is saved;
-the backward recomputes each tile from it.
+keeps a running max m_i, running sum l_i and accumulator acc (online softmax). As in the tutorial the softmax runs
+in base 2: log2(e) is folded into the MLP's last layer, so the kernels compute s2 = s log2(e) and use exp2. The
+base-2 logsumexp of every row is saved; the backward recomputes each tile from it.
 
 The first MLP layer is split over the concatenation (NeuralScore.split): A = W1_q q_proj(q) + c (B, H, L, h1) and
 Bk = W1_k k_proj(k) (B, H, S, h1) are computed in PyTorch, so the kernels only see the pair hidden layer
 act(A_i + Bk_j) and the remaining layers (h1 -> h2 -> 1). Autograd carries dA and dBk back into q, k and the
 projections.
 
-Supported: CUDA tensors in fp32, fp16 and bf16 (all MLP and softmax arithmetic in fp32; p @ V in the input dtype
-with fp32 accumulation, as FlashAttention does, and in exact fp32, not tf32, for fp32 inputs); score MLPs with
-exactly two hidden layers (the paper's 2P -> P -> P/2 -> 1 for P <= 16, or widths h1 <= 16, h2 <= 16), ReLU or
-GELU; value head size Ev <= 256; any L and S, L != S, is_causal (top-left aligned), boolean or additive float
-masks broadcastable to (..., L, S); any batch dims and strides.
-Caution: tested so far only in Triton's CPU interpreter (TRITON_INTERPRET=1, fp32 and fp16; the interpreter's
-bf16 matmul is wrong, so bf16 is untested). No GPU has run these kernels yet: they compile for sm_75, sm_80 and
-sm_90, and the block sizes are the largest that compile for sm_80 without register spills (the backward still
-spills a little on sm_75 and sm_90), but nothing is timed or tuned. A T4 (sm_75) has no bf16 tensor cores: use
-fp16 there. A float attn_mask gets no gradient.
+Supported: CUDA tensors in fp32, fp16 and bf16 (bf16 needs compute capability >= 8.0: Triton cannot compile bf16
+for older GPUs such as the T4, so there it is refused and "auto" falls back to chunked); A may be fp32 while Bk and
+v are fp16/bf16, as autocast gives. All MLP and softmax arithmetic is in fp32; p @ V runs in v's dtype with fp32
+accumulation, as FlashAttention does, and in exact fp32, not tf32, for fp32 inputs. Score MLPs with exactly two
+hidden layers (the paper's 2P -> P -> P/2 -> 1 for P <= 16, or widths h1 <= 16, h2 <= 16) and the activations in
+KERNEL_ACTIVATIONS; value head size Ev <= 256; any L and S (0 too), L != S, is_causal (top-left aligned), boolean or
+additive float masks broadcastable to (..., L, S); any batch dims and strides. Offsets are int64 wherever a length
+meets a stride, and the grid is 1-D (up to 2^31 - 1 programs, so any B*H).
+
+Launch: on a GPU each kernel is autotuned over the few CONFIGS whose hidden tile fits the registers
+(_fitting_configs), keyed on L, S, Ev, the score MLP's shape, masking and every tensor's dtype; the interpreter,
+which cannot time anything, runs the largest fitting config; block_m/block_n/num_warps/num_stages fix one.
+Caution: tested only in Triton's CPU interpreter (TRITON_INTERPRET=1: every config, fp32 and fp16; its bf16 matmul
+is wrong, so bf16 is checked on GPUs only, by `python -m minina bench --device cuda --check`), and compiled
+without a GPU for sm_90, sm_80 (bf16) and sm_75 (fp16). No GPU has run these kernels yet: nothing is timed, and
+the autotune set is a guess to be pruned by measurements. Each new
+(L, S) is autotuned again (every fitting config timed, at every new shape); with lengths that vary, pass a fixed
+configuration. The backward has no double backward (once_differentiable: differentiating through it again
+raises), and a float attn_mask gets no gradient.
 """
 import math
 import os
@@ -28,11 +38,36 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
-
+KERNEL_ACTIVATIONS = ("relu", "gelu")  # names of minina.activations.ACTIVATIONS that _activation implements
 MAX_HIDDEN = (16, 16)  # widest (h1, h2): the paper's (P, P // 2) up to P = 16, and a little beyond
 MAX_VALUE_DIM = 256
 NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
+LOG2E = math.log2(math.e)  # folded into the last layer on the host; the kernels write 1.44269... and ln 2 out
+
+# The autotune set, smallest tiles first: (BLOCK_M, BLOCK_N) with num_warps and num_stages. 64- and 128-row blocks
+# let Hopper use its fastest matrix instructions for p @ V; (16, 16) is for the widest score MLPs (h1 = 16).
+CONFIGS = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+           for block_m, block_n, warps, stages in [(16, 16, 4, 2), (32, 32, 4, 2), (64, 16, 8, 2), (64, 64, 8, 2),
+                                                   (128, 16, 8, 2), (128, 32, 8, 2)]]
+# fp32 registers per thread that one (BLOCK_M, BLOCK_N, H1P) hidden tile may take. ptxas -v (sm_90, bf16, h1 = 2):
+# at 32 the kernels spill at most 84 bytes; at 64 the backward kernels spill over a kilobyte. sm_80 and sm_75
+# spill more (up to ~0.75 and ~1.3 KB in the backward of the larger blocks): autotuning times those out.
+TILE_REGISTERS = 32
+TUNING_KEY = ["L", "S", "EV", "H1", "H2", "GELU", "MASK_KIND", "IS_CAUSAL"]  # plus every tensor's dtype (Triton)
+
+
+def _fits(config, h1_padded):
+    """Whether a (BLOCK_M, BLOCK_N, h1_padded) fp32 tile takes at most TILE_REGISTERS registers per thread."""
+    tile = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] * h1_padded
+    return tile <= TILE_REGISTERS * 32 * config.num_warps
+
+
+def _fitting_configs(configs, named_args, **kwargs):
+    """The autotuner's early prune: only configs whose hidden tile fits the registers (the wider the MLP, the
+    smaller the blocks); (16, 16) fits every h1 up to 16."""
+    return [config for config in configs if _fits(config, kwargs["H1P"])]
 
 
 @triton.jit
@@ -50,20 +85,57 @@ def _activation_grad(x, GELU: tl.constexpr):
 
 
 @triton.jit
-def _pair_logits(u, W2, B2, W3, B3, offs_u, H1P: tl.constexpr, H2: tl.constexpr, GELU: tl.constexpr):
-    """Logit tile of the pair MLP from the first-layer pre-activation u = A_i + Bk_j (BLOCK_M, BLOCK_N, H1P)."""
+def _load_weights(W2, B2, W3, B3, H1P: tl.constexpr, H2P: tl.constexpr):
+    """The MLP layers after the split one, zero-padded, loaded once per program: w2 (H2P, H1P), b2, w3 (H2P,), b3."""
+    offs_c, offs_u = tl.arange(0, H2P), tl.arange(0, H1P)
+    w2 = tl.load(W2 + offs_c[:, None] * H1P + offs_u[None, :])
+    return w2, tl.load(B2 + offs_c), tl.load(W3 + offs_c), tl.load(B3)
+
+
+@triton.jit
+def _pair_logits(u, w2, b2, w3, b3, offs_c, H2: tl.constexpr, GELU: tl.constexpr, GRAD: tl.constexpr):
+    """The pair MLP on the first-layer pre-activations u = A_i + Bk_j (BLOCK_M, BLOCK_N, H1P).
+
+    Returns the logit tile s (BLOCK_M, BLOCK_N), in base-2 units since w3 and b3 carry log2(e), and h = act(u);
+    with GRAD also what the backward needs, computed here once: the second layer's pre-activations z
+    (BLOCK_M, BLOCK_N, H2P) and the Jacobian ds/du = act'(u) sum_c w3_c act'(z_c) W2[c, :] (BLOCK_M, BLOCK_N, H1P).
+    """
     h = _activation(u, GELU)  # (BLOCK_M, BLOCK_N, H1P)
-    s = tl.zeros([u.shape[0], u.shape[1]], dtype=tl.float32) + tl.load(B3).to(tl.float32)  # (BLOCK_M, BLOCK_N)
+    s = tl.zeros([u.shape[0], u.shape[1]], dtype=tl.float32) + b3  # (BLOCK_M, BLOCK_N)
+    z = tl.zeros([u.shape[0], u.shape[1], w3.shape[0]], dtype=tl.float32)  # (BLOCK_M, BLOCK_N, H2P)
+    ds_du = tl.zeros(u.shape, dtype=tl.float32)  # first ds/dh, then ds/du
+    for c in tl.static_range(H2):  # registers cannot be indexed: pick row c of the weights with a masked sum
+        w2_c = tl.sum(tl.where(offs_c[:, None] == c, w2, 0.0), axis=0)  # (H1P,)
+        w3_c = tl.sum(tl.where(offs_c == c, w3, 0.0), axis=0)
+        z_c = tl.sum(h * w2_c[None, None, :], axis=2) + tl.sum(tl.where(offs_c == c, b2, 0.0), axis=0)  # (M, N)
+        s += w3_c * _activation(z_c, GELU)  # s = sum_c w3_c act(z_c) + b3
+        if GRAD:
+            z = tl.where(offs_c[None, None, :] == c, z_c[:, :, None], z)
+            ds_du += (w3_c * _activation_grad(z_c, GELU))[:, :, None] * w2_c[None, None, :]
+    if GRAD:
+        ds_du = ds_du * _activation_grad(u, GELU)
+    return s, h, z, ds_du
+
+
+@triton.jit
+def _parameter_grads(ds, h, z, w3, offs_c, H2: tl.constexpr, GELU: tl.constexpr):
+    """One tile's share of the gradients of W2 (H2P, H1P), b2 (H2P,) and w3 (H2P,), from the logit gradient ds
+    (BLOCK_M, BLOCK_N) and the h, z that _pair_logits kept."""
+    dz = ds[:, :, None] * w3[None, None, :] * _activation_grad(z, GELU)  # (BLOCK_M, BLOCK_N, H2P) dz_c = ds w3_c act'
+    d_b2 = tl.sum(tl.sum(dz, axis=1), axis=0)  # db2_c = sum_ij dz_c
+    d_w3 = tl.sum(tl.sum(ds[:, :, None] * _activation(z, GELU), axis=1), axis=0)  # dw3_c = sum_ij ds act(z_c)
+    d_w2 = tl.zeros([w3.shape[0], h.shape[2]], dtype=tl.float32)  # (H2P, H1P)
     for c in tl.static_range(H2):
-        w2_row = tl.load(W2 + c * H1P + offs_u)  # (H1P,) zero-padded row c of the second layer
-        z = tl.sum(h * w2_row[None, None, :], axis=2) + tl.load(B2 + c)  # (BLOCK_M, BLOCK_N)
-        s += tl.load(W3 + c) * _activation(z, GELU)
-    return s
+        dz_c = tl.sum(tl.where(offs_c[None, None, :] == c, dz, 0.0), axis=2)  # (BLOCK_M, BLOCK_N)
+        d_w2_c = tl.sum(tl.sum(dz_c[:, :, None] * h, axis=1), axis=0)  # (H1P,) dW2[c, :] = sum_ij dz_c h
+        d_w2 = tl.where(offs_c[:, None] == c, d_w2_c[None, :], d_w2)
+    return d_w2, d_b2, d_w3
 
 
 @triton.jit
 def _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """s with -inf where key j may not be seen by query i (padding, causal, boolean mask); float masks added."""
+    """s with -inf where key j may not be seen by query i (padding, causal, boolean mask); float masks added, in
+    the base-2 units of s."""
     inside = (offs_m[:, None] < L) & (offs_n[None, :] < S)  # (BLOCK_M, BLOCK_N)
     keep = inside
     if IS_CAUSAL:
@@ -71,7 +143,7 @@ def _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND: tl.constexpr, IS_CAUS
     if MASK_KIND == 1:
         keep = keep & (tl.load(mask_ptrs, mask=inside, other=0) != 0)
     if MASK_KIND == 2:
-        s = s + tl.load(mask_ptrs, mask=inside, other=0.0).to(tl.float32)
+        s = s + tl.load(mask_ptrs, mask=inside, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
     return tl.where(keep, s, float("-inf"))
 
 
@@ -83,37 +155,39 @@ def _forward_kernel(A, Bk, V, Mask, W2, B2, W3, B3, Out, Lse,
                     stride_mb, stride_mh, stride_mm, stride_mn,
                     stride_ob, stride_oh, stride_om, stride_od,
                     heads, L, S, H1, EV,
-                    H1P: tl.constexpr, H2: tl.constexpr, GELU: tl.constexpr,
+                    H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr, GELU: tl.constexpr,
                     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head); out = softmax(s) V over all key blocks, and logsumexp."""
-    start_m, off_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: no overflow on big tensors
+    pid = tl.program_id(0).to(tl.int64)  # int64 from here on: a length times a stride may pass 2^31
+    blocks_m = tl.cdiv(L, BLOCK_M)
+    start_m, off_bh = pid % blocks_m, pid // blocks_m  # query blocks vary fastest: a head's programs run together
     off_b, off_h = off_bh // heads, off_bh % heads
     A += off_b * stride_ab + off_h * stride_ah  # move every pointer to this (batch, head)
     Bk += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
     Mask += off_b * stride_mb + off_h * stride_mh
     Out += off_b * stride_ob + off_h * stride_oh
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_u, offs_d = tl.arange(0, H1P), tl.arange(0, BLOCK_D)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
+    offs_u, offs_d, offs_c = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P)
+    w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
     a = tl.load(A + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
                 mask=(offs_m[:, None] < L) & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_M, H1P)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the logits
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(s - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of exp(s - m_i) V
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of 2^(s - m_i) V
     end_n = tl.minimum(S, (start_m + 1) * BLOCK_M) if IS_CAUSAL else S  # later keys are all in the future
     for start_n in range(0, end_n, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        bk = tl.load(Bk + offs_n[:, None] * stride_kn
-                     + offs_u[None, :] * stride_ku,
+        offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
+        bk = tl.load(Bk + offs_n[:, None] * stride_kn + offs_u[None, :] * stride_ku,
                      mask=(offs_n[:, None] < S) & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
-        s = _pair_logits(a[:, None, :] + bk[None, :, :], W2, B2, W3, B3, offs_u, H1P, H2, GELU)  # (BLOCK_M, BLOCK_N)
+        s, _, _, _ = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, False)
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)
+        s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i' = max(m_i, max_j s_ij)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far keeps p = 0, not NaN
-        p = tl.exp(s - m_safe[:, None])  # p_ij = exp(s_ij - m_i')
-        alpha = tl.exp(m_i - m_safe)  # rescales what was summed under the old max: exp(m_i - m_i')
+        p = tl.exp2(s - m_safe[:, None])  # p_ij = 2^(s_ij - m_i')
+        alpha = tl.exp2(m_i - m_safe)  # rescales what was summed under the old max: 2^(m_i - m_i')
         l_i = l_i * alpha + tl.sum(p, axis=1)  # l_i' = alpha l_i + sum_j p_ij
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=(offs_n[:, None] < S) & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_D)
@@ -122,33 +196,9 @@ def _forward_kernel(A, Bk, V, Mask, W2, B2, W3, B3, Out, Lse,
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with nothing to attend outputs zeros
     tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_d[None, :] < EV))
-    # logsumexp m_i + log l_i; +inf on rows with nothing to attend makes the backward's exp(s - lse) = 0
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+    # base-2 logsumexp m_i + log2 l_i; +inf on rows with nothing to attend makes the backward's 2^(s - lse) = 0
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
     tl.store(Lse + off_bh * L + offs_m, lse, mask=offs_m < L)
-
-
-@triton.jit
-def _pair_backward(u, ds, W2, B2, W3, offs_u, H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr,
-                   GELU: tl.constexpr, PARAMETERS: tl.constexpr):
-    """Back through the pair MLP: ds (BLOCK_M, BLOCK_N) -> du (BLOCK_M, BLOCK_N, H1P) and, if PARAMETERS, the
-    tile's sums for dW2 (H2P, H1P), db2 (H2P,), dW3 (H2P,)."""
-    h = _activation(u, GELU)  # (BLOCK_M, BLOCK_N, H1P)
-    dh = tl.zeros(u.shape, dtype=tl.float32)
-    offs_c = tl.arange(0, H2P)
-    d_w2 = tl.zeros([H2P, H1P], dtype=tl.float32)
-    d_b2 = tl.zeros([H2P], dtype=tl.float32)
-    d_w3 = tl.zeros([H2P], dtype=tl.float32)
-    for c in tl.static_range(H2):
-        w2_row = tl.load(W2 + c * H1P + offs_u)  # (H1P,)
-        z = tl.sum(h * w2_row[None, None, :], axis=2) + tl.load(B2 + c)  # (BLOCK_M, BLOCK_N)
-        dz = ds * tl.load(W3 + c) * _activation_grad(z, GELU)  # ds/dz_c = W3_c act'(z_c)
-        dh += dz[:, :, None] * w2_row[None, None, :]
-        if PARAMETERS:
-            d_w3 += tl.where(offs_c == c, tl.sum(tl.sum(ds * _activation(z, GELU), axis=1), axis=0), 0.0)
-            d_b2 += tl.where(offs_c == c, tl.sum(tl.sum(dz, axis=1), axis=0), 0.0)
-            d_w2_row = tl.sum(tl.sum(dz[:, :, None] * h, axis=1), axis=0)  # (H1P,)
-            d_w2 += tl.where(offs_c[:, None] == c, d_w2_row[None, :], 0.0)
-    return dh * _activation_grad(u, GELU), d_w2, d_b2, d_w3
 
 
 @triton.jit
@@ -163,15 +213,18 @@ def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DBk,
                           MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, head); loops over query blocks for dV_j and dBk_j."""
-    start_n, off_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: no overflow on big tensors
+    pid = tl.program_id(0).to(tl.int64)  # int64 from here on: a length times a stride may pass 2^31
+    blocks_n = tl.cdiv(S, BLOCK_N)
+    start_n, off_bh = pid % blocks_n, pid // blocks_n
     off_b, off_h = off_bh // heads, off_bh % heads
     A += off_b * stride_ab + off_h * stride_ah  # move every pointer to this (batch, head)
     Bk += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
     Mask += off_b * stride_mb + off_h * stride_mh
     DOut += off_b * stride_ob + off_h * stride_oh
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_u, offs_d = tl.arange(0, H1P), tl.arange(0, BLOCK_D)
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int64
+    offs_u, offs_d, offs_c = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P)
+    w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
     key_rows = offs_n[:, None] < S
     bk = tl.load(Bk + offs_n[:, None] * stride_kn + offs_u[None, :] * stride_ku,
                  mask=key_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
@@ -181,26 +234,23 @@ def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DBk,
     dbk = tl.zeros([BLOCK_N, H1P], dtype=tl.float32)
     first_m = start_n * BLOCK_N if IS_CAUSAL else 0  # causal: earlier queries never see these keys
     for start_m in range(first_m, L, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
         query_rows = offs_m[:, None] < L
-        a = tl.load(A + offs_m[:, None] * stride_am
-                    + offs_u[None, :] * stride_au,
+        a = tl.load(A + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
                     mask=query_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_M, H1P)
-        do = tl.load(DOut + offs_m[:, None] * stride_om
-                     + offs_d[None, :] * stride_od,
-                     mask=query_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_M, BLOCK_D)
-        lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,)
+        do = tl.load(DOut + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                     mask=query_rows & (offs_d[None, :] < EV), other=0.0).to(v.dtype)  # (BLOCK_M, BLOCK_D)
+        lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,) base 2
         delta = tl.load(Delta + off_bh * L + offs_m, mask=offs_m < L, other=0.0)  # (BLOCK_M,) rowsum(dO * O)
-        u = a[:, None, :] + bk[None, :, :]  # (BLOCK_M, BLOCK_N, H1P)
-        s = _pair_logits(u, W2, B2, W3, B3, offs_u, H1P, H2, GELU)  # (BLOCK_M, BLOCK_N)
+        s, _, _, ds_du = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, True)
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)
-        p = tl.exp(s - lse[:, None])  # the forward's softmax weights, recomputed
+        s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse[:, None])  # the forward's softmax weights, recomputed
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")  # dV_j = sum_i p_ij dO_i
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")  # dp_ij = dO_i . V_j
-        ds = p * (dp - delta[:, None])  # softmax backward: ds_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij')
-        du, _, _, _ = _pair_backward(u, ds, W2, B2, W3, offs_u, H1P, H2, H2P, GELU, False)
-        dbk += tl.sum(du, axis=0)  # dBk_j = sum_i du_ij
+        # softmax backward, ds_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij'), times ln 2: the gradient of the base-2 s
+        ds = p * (dp - delta[:, None]) * 0.6931471805599453
+        dbk += tl.sum(ds[:, :, None] * ds_du, axis=0)  # dBk_j = sum_i ds_ij ds_ij/du_ij
     tl.store(DV + off_bh * S * EV + offs_n[:, None] * EV + offs_d[None, :], dv, mask=key_rows & (offs_d[None, :] < EV))
     tl.store(DBk + off_bh * S * H1 + offs_n[:, None] * H1 + offs_u[None, :], dbk,
              mask=key_rows & (offs_u[None, :] < H1))
@@ -217,23 +267,26 @@ def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, D
                              H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr, GELU: tl.constexpr,
                              MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: BLOCK_M queries of one (batch, head); loops over key blocks for dA_i = sum_j du_ij and this
-    program's partial sums of the MLP parameter gradients (summed over programs in PyTorch, so no races)."""
-    start_m, off_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: no overflow on big tensors
+    """One program: BLOCK_M queries of one (batch, head); loops over key blocks for dA_i and this program's
+    partial sums of the MLP parameter gradients (summed over programs in PyTorch, so no races)."""
+    pid = tl.program_id(0).to(tl.int64)  # int64 from here on: a length times a stride may pass 2^31
+    blocks_m = tl.cdiv(L, BLOCK_M)
+    start_m, off_bh = pid % blocks_m, pid // blocks_m
     off_b, off_h = off_bh // heads, off_bh % heads
     A += off_b * stride_ab + off_h * stride_ah  # move every pointer to this (batch, head)
     Bk += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
     Mask += off_b * stride_mb + off_h * stride_mh
     DOut += off_b * stride_ob + off_h * stride_oh
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
     offs_u, offs_d, offs_c = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P)
+    w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
     query_rows = offs_m[:, None] < L
     a = tl.load(A + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
                 mask=query_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_M, H1P)
     do = tl.load(DOut + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                 mask=query_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_M, BLOCK_D)
-    lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,)
+                 mask=query_rows & (offs_d[None, :] < EV), other=0.0).to(V.dtype.element_ty)  # (BLOCK_M, BLOCK_D)
+    lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,) base 2
     delta = tl.load(Delta + off_bh * L + offs_m, mask=offs_m < L, other=0.0)  # (BLOCK_M,)
     da = tl.zeros([BLOCK_M, H1P], dtype=tl.float32)
     d_w2 = tl.zeros([H2P, H1P], dtype=tl.float32)
@@ -242,54 +295,62 @@ def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, D
     d_b3 = tl.zeros([BLOCK_M], dtype=tl.float32)
     end_n = tl.minimum(S, (start_m + 1) * BLOCK_M) if IS_CAUSAL else S
     for start_n in range(0, end_n, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
         key_rows = offs_n[:, None] < S
-        bk = tl.load(Bk + offs_n[:, None] * stride_kn
-                     + offs_u[None, :] * stride_ku,
+        bk = tl.load(Bk + offs_n[:, None] * stride_kn + offs_u[None, :] * stride_ku,
                      mask=key_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=key_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_D)
-        u = a[:, None, :] + bk[None, :, :]  # (BLOCK_M, BLOCK_N, H1P)
-        s = _pair_logits(u, W2, B2, W3, B3, offs_u, H1P, H2, GELU)  # (BLOCK_M, BLOCK_N)
+        s, h, z, ds_du = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, True)
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)
-        p = tl.exp(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
-        ds = p * (dp - delta[:, None])
-        du, tile_w2, tile_b2, tile_w3 = _pair_backward(u, ds, W2, B2, W3, offs_u, H1P, H2, H2P, GELU, True)
-        da += tl.sum(du, axis=1)  # dA_i = sum_j du_ij
+        ds = p * (dp - delta[:, None]) * 0.6931471805599453  # gradient of the base-2 logits, as in the keys kernel
+        da += tl.sum(ds[:, :, None] * ds_du, axis=1)  # dA_i = sum_j ds_ij ds_ij/du_ij
+        tile_w2, tile_b2, tile_w3 = _parameter_grads(ds, h, z, w3, offs_c, H2, GELU)
         d_w2 += tile_w2
         d_b2 += tile_b2
         d_w3 += tile_w3
         d_b3 += tl.sum(ds, axis=1)
     tl.store(DA + off_bh * L * H1 + offs_m[:, None] * H1 + offs_u[None, :], da,
              mask=query_rows & (offs_u[None, :] < H1))
-    program = off_bh * tl.num_programs(0) + start_m
-    tl.store(DW2 + program * H2P * H1P + offs_c[:, None] * H1P + offs_u[None, :], d_w2)
-    tl.store(DB2 + program * H2P + offs_c, d_b2)
-    tl.store(DW3 + program * H2P + offs_c, d_w3)
-    tl.store(DB3 + program, tl.sum(d_b3, axis=0))
+    tl.store(DW2 + pid * H2P * H1P + offs_c[:, None] * H1P + offs_u[None, :], d_w2)
+    tl.store(DB2 + pid * H2P + offs_c, d_b2)
+    tl.store(DW3 + pid * H2P + offs_c, d_w3)
+    tl.store(DB3 + pid, tl.sum(d_b3, axis=0))
 
 
-def _launch_config(h1):
-    """(block, num_warps) with BLOCK_M = BLOCK_N = block: the (BLOCK_M, BLOCK_N, h1) hidden tiles fill the
-    registers, so blocks shrink as h1 grows; tl.dot needs blocks of at least 16. Chosen as the largest blocks
-    whose three kernels compile for sm_80 in bf16 without register spills (ptxas -v); not yet timed on a GPU."""
-    h1_padded = triton.next_power_of_2(h1)
-    if h1_padded <= 2:
-        return 32, 4
-    return (32, 8) if h1_padded <= 8 else (16, 4)
+def _autotuned(kernel, reset_to_zero=None):
+    return triton.autotune(CONFIGS, key=TUNING_KEY, prune_configs_by={"early_config_prune": _fitting_configs},
+                           reset_to_zero=reset_to_zero)(kernel)
+
+
+_TUNED = {_forward_kernel: _autotuned(_forward_kernel), _backward_keys_kernel: _autotuned(_backward_keys_kernel),
+          # the partial sums are indexed by program, whose count depends on BLOCK_M: zeroed before each trial
+          _backward_queries_kernel: _autotuned(_backward_queries_kernel, ["DW2", "DB2", "DW3", "DB3"])}
+
+
+def _launch(kernel, config, rows, block, batch_heads, *args, **meta):
+    """kernel over a 1-D grid of (blocks of `rows`) x batch_heads programs, autotuned when config is None.
+    CUDA allows 2^31 - 1 programs on axis 0 but only 65,535 on axes 1 and 2, too few for B*H."""
+    grid = lambda launch: (triton.cdiv(rows, launch[block]) * batch_heads,)  # noqa: E731
+    if config is None:
+        _TUNED[kernel][grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta, **config.all_kwargs())
 
 
 def _padded_parameters(w2, b2, w3, b3):
-    """The layers after the split one, in fp32, zero-padded to powers of two: W2 (H2P, H1P), b2, w3 (H2P,), b3 (1,)."""
+    """The layers after the split one in fp32, zero-padded to powers of two, the last one times log2(e) for exp2:
+    W2 (H2P, H1P), b2, w3 (H2P,), b3 (1,)."""
     h2, h1 = w2.shape
     H2P, H1P = triton.next_power_of_2(h2), triton.next_power_of_2(h1)
     W2 = w2.new_zeros(H2P, H1P, dtype=torch.float32)
     W2[:h2, :h1] = w2
     B2, W3 = (w2.new_zeros(H2P, dtype=torch.float32) for _ in range(2))
-    B2[:h2], W3[:h2] = b2, w3.reshape(h2)
-    return W2, B2, W3, b3.float().contiguous()
+    B2[:h2], W3[:h2] = b2, w3.reshape(h2) * LOG2E
+    return W2, B2, W3, (b3.float() * LOG2E).contiguous()
 
 
 class TritonNeuralAttention(torch.autograd.Function):
@@ -297,64 +358,67 @@ class TritonNeuralAttention(torch.autograd.Function):
 
     A (B, H, L, h1), Bk (B, H, S, h1), v (B, H, S, Ev), any strides; w2 (h2, h1), b2 (h2,), w3 (1, h2), b3 (1,);
     mask None, uint8 (nonzero = may attend) or float (added), broadcast to (B, H, L, S) -> out (B, H, L, Ev).
-    block_m, block_n, num_warps: the launch configuration.
+    config: a triton.Config with BLOCK_M and BLOCK_N, or None to autotune.
     """
 
     @staticmethod
-    def forward(ctx, A, Bk, v, w2, b2, w3, b3, mask, is_causal, gelu, block_m, block_n, num_warps):
+    def forward(ctx, A, Bk, v, w2, b2, w3, b3, mask, is_causal, gelu, config):
         batch, heads, L, h1 = A.shape
         S, value_dim = v.shape[-2:]
-        block_d = max(16, triton.next_power_of_2(value_dim))
-        parameters = _padded_parameters(w2, b2, w3, b3)
         out = torch.empty(batch, heads, L, value_dim, dtype=v.dtype, device=v.device)  # (B, H, L, Ev)
         lse = torch.empty(batch * heads, L, dtype=torch.float32, device=v.device)  # (B*H, L)
         mask_kind = NO_MASK if mask is None else BOOL_MASK if mask.dtype == torch.uint8 else FLOAT_MASK
-        shared = dict(H1P=triton.next_power_of_2(h1), H2=w2.shape[0], GELU=gelu, MASK_KIND=mask_kind,
-                      IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
-        _forward_kernel[(triton.cdiv(L, block_m), batch * heads)](
-            A, Bk, v, A if mask is None else mask, *parameters, out, lse,
-            *A.stride(), *Bk.stride(), *v.stride(), *(mask.stride() if mask is not None else (0, 0, 0, 0)),
-            *out.stride(), heads, L, S, h1, value_dim, **shared)
+        shared = dict(H1P=triton.next_power_of_2(h1), H2=w2.shape[0], H2P=triton.next_power_of_2(w2.shape[0]),
+                      GELU=gelu, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
+                      BLOCK_D=max(16, triton.next_power_of_2(value_dim)))
+        mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+        _launch(_forward_kernel, config, L, "BLOCK_M", batch * heads,
+                A, Bk, v, A if mask is None else mask, *_padded_parameters(w2, b2, w3, b3), out, lse,
+                *A.stride(), *Bk.stride(), *v.stride(), *mask_strides, *out.stride(), heads, L, S, h1, value_dim,
+                **shared)
         ctx.save_for_backward(A, Bk, v, w2, b2, w3, b3, mask, out, lse)
-        ctx.shared = shared
+        ctx.shared, ctx.config = shared, config
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels have no backward of their own: a double backward raises, not lies
     def backward(ctx, d_out):
         A, Bk, v, w2, b2, w3, b3, mask, out, lse = ctx.saved_tensors
-        shared = ctx.shared
+        shared, config = ctx.shared, ctx.config
         batch, heads, L, h1 = A.shape
         S, value_dim = v.shape[-2:]
-        h2, H1P = w2.shape[0], shared["H1P"]
-        H2P = triton.next_power_of_2(h2)
-        parameters = _padded_parameters(w2, b2, w3, b3)
+        h2, H1P, H2P = w2.shape[0], shared["H1P"], shared["H2P"]
         delta = (d_out.float() * out.float()).sum(-1).reshape(batch * heads, L)  # (B*H, L) rowsum(dO * O)
-        query_blocks = triton.cdiv(L, shared["BLOCK_M"])
-        programs = batch * heads * query_blocks
+        smallest_m = min(c.kwargs["BLOCK_M"] for c in CONFIGS) if config is None else config.kwargs["BLOCK_M"]
+        programs = batch * heads * triton.cdiv(L, smallest_m)  # the most query programs any config launches
         fp32 = dict(dtype=torch.float32, device=v.device)
         dA, dBk = torch.empty(batch, heads, L, h1, **fp32), torch.empty(batch, heads, S, h1, **fp32)
         dv = torch.empty(batch, heads, S, value_dim, **fp32)
-        partial_w2, partial_b2 = torch.empty(programs, H2P, H1P, **fp32), torch.empty(programs, H2P, **fp32)
-        partial_w3, partial_b3 = torch.empty(programs, H2P, **fp32), torch.empty(programs, **fp32)
+        partial_w2, partial_b2 = torch.zeros(programs, H2P, H1P, **fp32), torch.zeros(programs, H2P, **fp32)
+        partial_w3, partial_b3 = torch.zeros(programs, H2P, **fp32), torch.zeros(programs, **fp32)
+        inputs = (A, Bk, v, A if mask is None else mask, *_padded_parameters(w2, b2, w3, b3), d_out, lse, delta)
         strides = (*A.stride(), *Bk.stride(), *v.stride(),
                    *(mask.stride() if mask is not None else (0, 0, 0, 0)), *d_out.stride())
         sizes = (heads, L, S, h1, value_dim)
-        mask_arg = A if mask is None else mask
-        _backward_keys_kernel[(triton.cdiv(S, shared["BLOCK_N"]), batch * heads)](
-            A, Bk, v, mask_arg, *parameters, d_out, lse, delta, dBk, dv, *strides, *sizes, H2P=H2P, **shared)
-        _backward_queries_kernel[(query_blocks, batch * heads)](
-            A, Bk, v, mask_arg, *parameters, d_out, lse, delta, dA, partial_w2, partial_b2, partial_w3, partial_b3,
-            *strides, *sizes, H2P=H2P, **shared)
+        _launch(_backward_keys_kernel, config, S, "BLOCK_N", batch * heads, *inputs, dBk, dv, *strides, *sizes,
+                **shared)
+        _launch(_backward_queries_kernel, config, L, "BLOCK_M", batch * heads,
+                *inputs, dA, partial_w2, partial_b2, partial_w3, partial_b3, *strides, *sizes, **shared)
         d_w2 = partial_w2.sum(0)[:h2, :h1].to(w2.dtype)  # deterministic: a fixed-order sum over programs
         d_b2 = partial_b2.sum(0)[:h2].to(b2.dtype)
-        d_w3 = partial_w3.sum(0)[:h2].reshape(1, h2).to(w3.dtype)
-        d_b3 = partial_b3.sum().reshape(1).to(b3.dtype)
+        d_w3 = (partial_w3.sum(0)[:h2] * LOG2E).reshape(1, h2).to(w3.dtype)  # the kernels saw w3 log2(e)
+        d_b3 = (partial_b3.sum() * LOG2E).reshape(1).to(b3.dtype)
         return (dA.to(A.dtype), dBk.to(Bk.dtype), dv.to(v.dtype), d_w2, d_b2, d_w3, d_b3,
-                None, None, None, None, None, None)
+                None, None, None, None)
 
 
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _compute_capability(device):
+    """(major, minor) of a CUDA device, None elsewhere (the interpreter)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
 def _check_supported(q, v, score, attn_mask):
@@ -363,12 +427,19 @@ def _check_supported(q, v, score, attn_mask):
                          "or set TRITON_INTERPRET=1 before importing triton to run the kernels (slowly) on CPU")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"backend='triton' takes float32, float16 or bfloat16 inputs, got q of dtype {q.dtype}")
+    capability = _compute_capability(q.device)
+    if q.dtype == torch.bfloat16 and capability is not None and capability < (8, 0):
+        raise TypeError(f"backend='triton' needs compute capability >= 8.0 for bfloat16 (Triton cannot compile it "
+                        f"for older GPUs), got q of dtype {q.dtype} on {q.device} with compute capability "
+                        f"{capability[0]}.{capability[1]}; use float16 or backend='chunked'")
+    if score.activation not in KERNEL_ACTIVATIONS:
+        raise ValueError(f"backend='triton' implements the activations {KERNEL_ACTIVATIONS}, got "
+                         f"score.activation={score.activation!r}; use backend='chunked'")
     hidden = score.hidden
     if len(hidden) != 2 or hidden[0] > MAX_HIDDEN[0] or hidden[1] > MAX_HIDDEN[1]:
         raise ValueError(f"backend='triton' supports score MLPs with two hidden layers (h1, h2), h1 <= "
                          f"{MAX_HIDDEN[0]} and h2 <= {MAX_HIDDEN[1]} (the paper's (P, P // 2) for P <= 16; else use "
-                         f"backend='chunked'); "
-                         f"got hidden={hidden}")
+                         f"backend='chunked'); got hidden={hidden}")
     if v.shape[-1] > MAX_VALUE_DIM:
         raise ValueError(f"backend='triton' supports value head sizes up to {MAX_VALUE_DIM}, got v {tuple(v.shape)}")
     if attn_mask is not None and attn_mask.requires_grad:
@@ -377,12 +448,25 @@ def _check_supported(q, v, score, attn_mask):
 
 
 def supports(q, v, score, attn_mask=None):
-    """Whether the kernels take these inputs (their device, dtype, score MLP shape, value size and mask)."""
+    """Whether the kernels take these inputs (device, dtype on that device, score MLP, value size and mask)."""
     try:
         _check_supported(q, v, score, attn_mask)
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _launch_config(h1, block_m, block_n, num_warps, num_stages, device):
+    """The fixed triton.Config to run, or None to autotune (CUDA, nothing given). Without a GPU to time on, the
+    default is the largest config that fits; values given replace its own."""
+    if block_m is None and block_n is None and num_warps is None and num_stages is None and device.type == "cuda":
+        return None
+    for name, block in (("block_m", block_m), ("block_n", block_n)):
+        if block is not None and (not isinstance(block, int) or block < 16 or block & (block - 1)):
+            raise ValueError(f"{name} must be a power of two of at least 16 (tl.dot's smallest tile), got {block!r}")
+    default = _fitting_configs(CONFIGS, {}, H1P=triton.next_power_of_2(h1))[-1]
+    blocks = {"BLOCK_M": block_m or default.kwargs["BLOCK_M"], "BLOCK_N": block_n or default.kwargs["BLOCK_N"]}
+    return triton.Config(blocks, num_warps=num_warps or default.num_warps, num_stages=num_stages or default.num_stages)
 
 
 def _as_batch_heads(t, batch, tail):
@@ -391,17 +475,19 @@ def _as_batch_heads(t, batch, tail):
     return t.expand(*batch, *tail).reshape(math.prod(batch[:-1]), heads, *tail)  # (B, H, *tail)
 
 
-def triton_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, block_m=None, block_n=None):
+def triton_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, block_m=None, block_n=None,
+                            num_warps=None, num_stages=None):
     """Neural attention by the fused kernels: q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev).
 
     The same function as neural_attention(backend="reference") (DiGiugno & Mahmood 2025, Eq. 3-5), in O(L + S)
-    memory; inputs are validated by neural_attention. block_m, block_n (powers of two, at least 16) override
-    the launch configuration.
+    memory; inputs are validated by neural_attention. On a GPU the launch configuration is autotuned over CONFIGS;
+    block_m, block_n (powers of two, at least 16), num_warps and num_stages fix it instead.
     """
     _check_supported(q, v, score, attn_mask)
     A, Bk, ((w2, b2), (w3, b3)) = score.split(q, k)  # (..., L, h1), (..., S, h1)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     L, S, h1 = q.shape[-2], k.shape[-2], A.shape[-1]
+    config = _launch_config(h1, block_m, block_n, num_warps, num_stages, q.device)
     A = _as_batch_heads(A, batch, (L, h1))  # (B, H, L, h1)
     Bk = _as_batch_heads(Bk, batch, (S, h1))  # (B, H, S, h1)
     values = _as_batch_heads(v, batch, v.shape[-2:])  # (B, H, S, Ev)
@@ -409,7 +495,6 @@ def triton_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, 
     if attn_mask is not None:
         mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
         mask = _as_batch_heads(mask, batch, (L, S))  # (B, H, L, S), stride 0 where broadcast
-    block, num_warps = _launch_config(h1)
-    out = TritonNeuralAttention.apply(A, Bk, values, w2, b2, w3, b3, mask, bool(is_causal), score.activation == "gelu",
-                                      block_m or block, block_n or block, num_warps)
+    out = TritonNeuralAttention.apply(A, Bk, values, w2, b2, w3, b3, mask, bool(is_causal),
+                                      score.activation == "gelu", config)
     return out.reshape(*batch, L, v.shape[-1])  # (..., L, Ev)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from minina import bench
 
@@ -16,6 +17,16 @@ def test_peak_memory_sees_the_reference_pair_tensor():
     assert reference["peak_mib"] >= pair_tensor_mib
     assert chunked["peak_mib"] < reference["peak_mib"] / 2
     assert reference["time_s"] > 0 and chunked["time_s"] > 0
+
+
+def test_forward_pass_keeps_no_activations():
+    """A "fwd" pass runs under no_grad: the reference still builds its pair tensor but keeps far less than for a
+    backward."""
+    case = dict(n=512, heads=2, head_dim=64, proj_dim=2, causal=False, repeats=0, threads=1)
+    forward = bench.measure_in_fresh_process(backend="reference", pass_="fwd", **case)
+    both = bench.measure_in_fresh_process(backend="reference", pass_="fwd+bwd", **case)
+    assert forward["peak_mib"] >= 2 * 512 * 512 * (2 * 2) * 4 / 2 ** 20  # the (B, H, N, N, 2P) float32 pairs
+    assert both["peak_mib"] > 1.5 * forward["peak_mib"]
 
 
 def test_cli_writes_table_csv_and_plot(tmp_path):
@@ -34,6 +45,11 @@ def test_cli_writes_table_csv_and_plot(tmp_path):
         assert f"| {row['backend']} | {row['n']} | {1000 * float(row['time_s']):.1f} |" in result.stdout
     assert "chunked: peak memory x" in result.stdout and "at N=32: chunked uses" in result.stdout
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "| backend | N | time (ms) |" in markdown and "| pass |" not in markdown  # one pass: no pass column
+    for row in rows:
+        assert f"| {row['backend']} | {row['n']} | {1000 * float(row['time_s']):.1f} |" in markdown
+        assert row["pass"] == "fwd+bwd"
 
 
 def test_summary_and_ratios_from_rows():
@@ -56,3 +72,31 @@ def test_bad_arguments(kwargs, match):
 def test_failed_case_reports_its_error():
     with pytest.raises(RuntimeError, match="(?s)benchmark case.*failed.*float3"):
         bench.measure_in_fresh_process(backend="sdpa", n=8, dtype="float3")
+
+
+def test_table_and_summary_with_both_passes():
+    rows = [{"backend": b, "pass": p, "n": n, "time_s": t, "peak_mib": m, "time_vs_sdpa": None,
+             "memory_vs_sdpa": None} for b, p, n, t, m in [
+        ("chunked", "fwd", 8, 0.5, 2.0), ("chunked", "fwd", 16, 1.0, 3.0),
+        ("chunked", "fwd+bwd", 8, 1.0, 4.0), ("chunked", "fwd+bwd", 16, 3.0, 9.0)]]
+    table = bench.format_table(rows).splitlines()
+    assert table[0].startswith("| backend | pass | N |") and table[2] == "| chunked | fwd | 8 | 500.0 | 2.0 |  |  |"
+    assert bench.summarize(rows) == ["chunked: peak memory x2.25, time x3.00 from N=8 to N=16"]  # fwd+bwd rows
+
+
+def test_bad_passes():
+    with pytest.raises(ValueError, match=r"passes must be a non-empty list from \('fwd', 'fwd\+bwd'\)"):
+        bench.benchmark(ns=[8], passes=["backward"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --check would run")
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_check_without_a_gpu_fails_clearly(device, tmp_path):
+    """--check needs CUDA: on a machine without one it stops with a message, before timing anything."""
+    with pytest.raises(SystemExit, match=f"--check runs the Triton kernels .* on a CUDA GPU, but got --device {device} "
+                                         r"and torch.cuda.is_available\(\) = False"):
+        bench.require_cuda(device)
+    result = subprocess.run([sys.executable, "-m", "minina", "bench", "--check", "--device", device, "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "on a CUDA GPU" in result.stderr
+    assert not (tmp_path / "bench.csv").exists()

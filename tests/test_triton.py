@@ -1,21 +1,26 @@
 """The fused Triton kernels against the float64 reference: outputs and every gradient, masks, shapes, dtypes, errors.
 
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 and the same kernels run on CPU tensors in Triton's
-interpreter; shapes stay small (blocks of 16) so that several query and key blocks, and their ragged ends, are
-exercised in a few seconds per case. With a GPU the same grid runs on CUDA.
+interpreter; shapes stay small (mostly blocks of 16, so that several query and key blocks and their ragged ends are
+exercised) and every config of the autotune set runs once. With a GPU the same grid runs on CUDA, and
+`python -m minina bench --device cuda --check` runs this file there.
 """
 import copy
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+import torch.nn as nn
 
 from minina import MultiHeadAttention, NeuralScore, neural_attention, resolve_backend
+from minina.activations import ACTIVATIONS, Activation
 
 pytest.importorskip("triton", reason="backend='triton' needs the triton package")
-from minina.triton_kernels import triton_neural_attention  # noqa: E402
+from minina import triton_kernels  # noqa: E402
+from minina.triton_kernels import CONFIGS, KERNEL_ACTIVATIONS, supports, triton_neural_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -39,7 +44,7 @@ def make_mask(kind, shape):
         return None
     if kind == "bool":
         mask = torch.rand(shape, device=DEVICE) > 0.3
-        mask[..., 0, :] = False  # a query with nothing to attend: zero output, no NaN
+        mask[..., :1, :] = False  # a query with nothing to attend: zero output, no NaN
         return mask
     return torch.randn(shape, device=DEVICE).masked_fill(torch.rand(shape, device=DEVICE) < 0.2, float("-inf"))
 
@@ -49,29 +54,34 @@ def reference_grads(q, k, v, score, attn_mask, is_causal, d_out):
     score64 = copy.deepcopy(score).double()
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     mask64 = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double()
-    out = neural_attention(*leaves, score64, mask64, is_causal, backend="reference")
+    out = neural_attention(*leaves, score64, mask64, is_causal=is_causal, backend="reference")
     return [out, *torch.autograd.grad(out, [*leaves, *score64.parameters()], d_out.double())]
 
 
-def triton_grads(q, k, v, score, attn_mask, is_causal, d_out, blocks=(16, 16)):
+def triton_grads(q, k, v, score, attn_mask, is_causal, d_out, **launch):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = triton_neural_attention(*leaves, score, attn_mask, is_causal, block_m=blocks[0], block_n=blocks[1])
+    out = triton_neural_attention(*leaves, score, attn_mask, is_causal, **launch)
     return [out, *torch.autograd.grad(out, [*leaves, *score.parameters()], d_out)]
 
 
 NAMES = ["out", "dq", "dk", "dv"]
+BLOCKS_16 = dict(block_m=16, block_n=16)  # small blocks: several blocks and ragged ends at small L and S
 
 
-def assert_matches_reference(q, k, v, score, attn_mask=None, is_causal=False, blocks=(16, 16)):
+def assert_matches_reference(q, k, v, score, attn_mask=None, is_causal=False, **launch):
+    """Output and every gradient of the kernels (launch: block_m=..., or nothing for the default) equal the float64
+    reference's to fp32 precision."""
     d_out = torch.randn(*torch.broadcast_shapes(q.shape[:-2], v.shape[:-2]), q.shape[-2], v.shape[-1],
                         device=DEVICE, dtype=v.dtype)
     expected = reference_grads(q, k, v, score, attn_mask, is_causal, d_out)
-    actual = triton_grads(q, k, v, score, attn_mask, is_causal, d_out, blocks)
+    actual = triton_grads(q, k, v, score, attn_mask, is_causal, d_out, **launch)
     names = NAMES + [f"d {name}" for name, _ in score.named_parameters()]
+    # fp32 sums over many pairs: absolute errors scale with the largest values in play (d b3 is 0 up to rounding)
+    atol = 1e-5 * max([1.0] + [e.abs().max().item() for e in expected if e.numel()])
     for name, a, e in zip(names, actual, expected):
         assert a.shape == e.shape and a.dtype == q.dtype, name
         assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
     return actual
 
 
@@ -82,9 +92,44 @@ def test_matches_reference(L, S, is_causal, mask_kind):
     score = lively_score(8, proj_dim=4)
     q, k, v = (torch.randn(1, 2, n, d, device=DEVICE) for n, d in ((L, 8), (S, 8), (S, 5)))
     mask = make_mask(mask_kind, (L, S) if mask_kind == "bool" else (1, 2, L, S))
-    out = assert_matches_reference(q, k, v, score, mask, is_causal)[0]
+    out = assert_matches_reference(q, k, v, score, mask, is_causal, **BLOCKS_16)[0]
     if mask_kind == "bool":
         assert (out[..., 0, :] == 0).all()
+
+
+def widest_fitting_h1(config):
+    return max(h1 for h1 in (1, 2, 4, 8, 16) if triton_kernels._fits(config, h1))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "{BLOCK_M}x{BLOCK_N}".format(**c.kwargs))
+def test_every_autotune_config_matches_reference(config):
+    """Each config of the autotune set, launched explicitly, with the widest score MLP it is meant for; L and S
+    span two blocks and a ragged third."""
+    h1 = widest_fitting_h1(config)
+    score = lively_score(16, proj_dim=h1)  # MLP 2 h1 -> h1 -> h1 // 2 -> 1
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    L, S = 2 * block_m + 11, 2 * block_n + 5
+    q, k, v = (torch.randn(1, 1, n, d, device=DEVICE) for n, d in ((L, 16), (S, 16), (S, 24)))
+    launch = dict(block_m=block_m, block_n=block_n, num_warps=config.num_warps, num_stages=config.num_stages)
+    causal = block_m != block_n  # the causal loop bounds matter most when the blocks differ
+    assert_matches_reference(q, k, v, score, make_mask("float", (L, S)), is_causal=causal, **launch)
+
+
+def test_the_autotune_set_has_64_and_128_row_blocks():
+    """Hopper's fastest matrix instructions need 64-row blocks: the set offers them up to h1 = 8 (128 rows up to
+    h1 = 4); only the widest MLPs (h1 = 16) are left with 16 x 16, the one config that fits them."""
+    for h1 in (1, 2, 4, 8, 16):
+        rows = {config.kwargs["BLOCK_M"] for config in triton_kernels._fitting_configs(CONFIGS, {}, H1P=h1)}
+        assert 16 in rows and (64 in rows) == (h1 <= 8) and (128 in rows) == (h1 <= 4), (h1, rows)
+
+
+@pytest.mark.parametrize("L, S", [(300, 257), (257, 300), (0, 20), (20, 0)])
+def test_long_and_empty_sequences_with_the_default_launch(L, S):
+    """Lengths of a few blocks of the default config (the largest that fits: 128 x 32 for the paper's MLP), and no
+    queries or no keys (zero outputs and gradients, as the reference)."""
+    score = lively_score(64)  # the paper: d' = 2, MLP 4 -> 2 -> 1 -> 1
+    q, k, v = (torch.randn(1, 2, n, 64, device=DEVICE) for n in (L, S, S))
+    assert_matches_reference(q, k, v, score, make_mask("bool", (L, S)), is_causal=True)
 
 
 @pytest.mark.parametrize("head_dim, options, blocks", [
@@ -95,10 +140,10 @@ def test_matches_reference(L, S, is_causal, mask_kind):
 ])
 def test_score_shapes_activations_and_blocks(head_dim, options, blocks):
     score = lively_score(head_dim, **options)
-    L = 70 if blocks[0] is None else 40  # ragged: 70 = 2 * 32 + 6 with the default blocks
+    L = 70 if blocks[0] is None else 40
     q, k, v = (torch.randn(1, 1, L, head_dim, device=DEVICE) for _ in range(3))
     assert score.logits(q, k).std() > 0.1  # a live MLP, not a constant score
-    assert_matches_reference(q, k, v, score, is_causal=True, blocks=blocks)
+    assert_matches_reference(q, k, v, score, is_causal=True, block_m=blocks[0], block_n=blocks[1])
 
 
 def test_strides_and_broadcast_batch_dims():
@@ -106,45 +151,86 @@ def test_strides_and_broadcast_batch_dims():
     q = torch.randn(2, 20, 3, 8, device=DEVICE).transpose(1, 2)  # (B, H, L, E) from (B, L, H, E): strided
     k = torch.randn(1, 3, 18, 8, device=DEVICE)  # shared by the batch
     v = torch.randn(2, 1, 18, 16, device=DEVICE)[..., ::2]  # shared by the heads, every other feature
-    assert_matches_reference(q, k, v, score, make_mask("float", (20, 18)))
+    assert_matches_reference(q, k, v, score, make_mask("float", (20, 18)), **BLOCKS_16)
 
 
 @pytest.mark.parametrize("batch", [(), (2, 1, 2)])
 def test_no_batch_dims_and_many_batch_dims(batch):
     score = lively_score(8, proj_dim=2)
     q, k, v = (torch.randn(*batch, n, 8, device=DEVICE) for n in (17, 19, 19))
-    assert_matches_reference(q, k, v, score, make_mask("bool", (17, 19)), is_causal=True)
+    assert_matches_reference(q, k, v, score, make_mask("bool", (17, 19)), is_causal=True, **BLOCKS_16)
 
 
 def test_backward_is_deterministic():
     score = lively_score(8, proj_dim=4)
     q, k, v = (torch.randn(1, 2, 33, 8, device=DEVICE) for _ in range(3))
     d_out = torch.randn(1, 2, 33, 8, device=DEVICE)
-    first, second = (triton_grads(q, k, v, score, None, True, d_out) for _ in range(2))
+    first, second = (triton_grads(q, k, v, score, None, True, d_out, **BLOCKS_16) for _ in range(2))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_error_at_most_twice_the_reference(dtype):
-    """Like flash-attention's tests: the kernel's error against float64 is at most twice (plus a hair) the error of
-    the reference backend run in the same low precision."""
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+# Small in the interpreter; on a GPU long enough for fp16/bf16 sums over many keys.
+LOW_PRECISION_LENGTHS = (20, 35) if DEVICE == "cpu" else (1000, 1100)
+
+
+def skip_bf16_in_the_interpreter(dtype):
     if dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("Triton's interpreter stores bf16 as uint16 and its bf16 tl.dot is wrong (triton 3.8); GPU only")
+
+
+def assert_error_at_most_twice_the_reference(names, actual, reference_low, expected, dtypes):
+    """flash-attention's rule: the kernel's error against float64 is at most twice (plus a hair) the error of the
+    reference backend run in the same low precision. As there, the float64 reference starts from the same rounded
+    inputs, so rounding the inputs is no one's error."""
+    for name, a, r, e, dtype in zip(names, actual, reference_low, expected, dtypes):
+        assert a.dtype == dtype, name
+        kernel_error, reference_error = (a.double() - e).abs().max(), (r.double() - e).abs().max()
+        assert kernel_error <= 2 * reference_error + 1e-3 * e.abs().max(), (name, kernel_error, reference_error)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_error_at_most_twice_the_reference(dtype):
+    skip_bf16_in_the_interpreter(dtype)
+    L, S = LOW_PRECISION_LENGTHS
     score = lively_score(16, proj_dim=4)
-    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (20, 35, 35))
-    d_out = torch.randn(1, 2, 20, 16, device=DEVICE)
-    expected = reference_grads(q, k, v, score, None, True, d_out)
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (L, S, S))
+    d_out = torch.randn(1, 2, L, 16, device=DEVICE)
     low = [t.to(dtype) for t in (q, k, v, d_out)]
     score_low = copy.deepcopy(score).to(dtype)
+    expected = reference_grads(*low[:3], score_low, None, True, low[3])
     leaves = [t.detach().requires_grad_() for t in low[:3]]
     out = neural_attention(*leaves, score_low, is_causal=True, backend="reference")
     reference_low = [out, *torch.autograd.grad(out, [*leaves, *score_low.parameters()], low[3])]
     actual = triton_grads(*low[:3], score_low, None, True, low[3])
-    for name, a, r, e in zip(NAMES + ["d score"] * 10, actual, reference_low, expected):
-        assert a.dtype == dtype, name
-        kernel_error, reference_error = (a.double() - e).abs().max(), (r.double() - e).abs().max()
-        assert kernel_error <= 2 * reference_error + 1e-3 * e.abs().max(), (name, kernel_error, reference_error)
+    assert_error_at_most_twice_the_reference(NAMES + ["d score"] * 10, actual, reference_low, expected,
+                                             [dtype] * len(actual))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_autocast_mixed_dtypes(dtype):
+    """Under autocast split() gives A in float32 (its bias add promotes) but Bk and v in low precision; the kernels
+    take the mix and keep the flash-attention error rule. The interpreter checks float16 only (see above)."""
+    skip_bf16_in_the_interpreter(dtype)
+    L, S = LOW_PRECISION_LENGTHS
+    score = lively_score(16, proj_dim=4)
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (L, S, S))
+    d_out = torch.randn(1, 2, L, 16, device=DEVICE)
+    low = [t.to(dtype) for t in (q, k, v, d_out)]  # what autocast's q, k, v projections give
+    expected = reference_grads(*low[:3], score, None, True, low[3])
+    with torch.autocast(DEVICE, dtype=dtype):
+        A, Bk, _ = score.split(low[0], low[1])
+    assert A.dtype == torch.float32 and Bk.dtype == dtype  # the mixed case
+    results = {}
+    for backend in ("reference", "triton"):
+        leaves = [t.detach().requires_grad_() for t in low[:3]]
+        with torch.autocast(DEVICE, dtype=dtype):
+            out = neural_attention(*leaves, score, is_causal=True, backend=backend)
+        results[backend] = [out, *torch.autograd.grad(out, [*leaves, *score.parameters()], low[3])]
+    parameters = len(list(score.parameters()))
+    assert_error_at_most_twice_the_reference(NAMES + ["d score"] * parameters, results["triton"],
+                                             results["reference"], expected, [dtype] * 4 + [torch.float32] * parameters)
 
 
 @pytest.mark.parametrize("options, shapes, message", [
@@ -216,3 +302,88 @@ def test_minina_imports_and_runs_without_triton():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "torch.Size([3, 8])"
+
+
+def test_double_backward_raises_instead_of_giving_wrong_numbers():
+    score = lively_score(8, proj_dim=2)
+    q, k, v = (torch.randn(1, 1, 9, 8, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = triton_neural_attention(q, k, v, score)
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        dq.sum().backward()
+
+
+def test_an_activation_the_kernels_lack_is_refused(monkeypatch):
+    """A new entry in minina.activations.ACTIVATIONS must not run as ReLU: refused, and "auto" falls back."""
+    assert set(KERNEL_ACTIVATIONS) <= set(ACTIVATIONS)
+    monkeypatch.setitem(ACTIVATIONS, "tanh", Activation(nn.Tanh, torch.tanh, lambda x: 1 - torch.tanh(x) ** 2))
+    score = NeuralScore(8, activation="tanh").to(DEVICE)
+    q = torch.randn(4, 8, device=DEVICE)
+    assert not supports(q, q, score) and supports(q, q, NeuralScore(8, activation="gelu").to(DEVICE))
+    with pytest.raises(ValueError, match=r"activations \('relu', 'gelu'\), got score.activation='tanh'"):
+        triton_neural_attention(q, q, q, score)
+    assert resolve_backend("auto", q, q, score) == "chunked"
+
+
+def test_bfloat16_is_refused_below_compute_capability_8(monkeypatch):
+    """A T4 (sm_75) cannot compile Triton's bf16: supports() says no, so "auto" never picks it there."""
+    monkeypatch.setattr(triton_kernels, "_compute_capability", lambda device: (7, 5))
+    score = NeuralScore(8).to(DEVICE)
+    q = torch.randn(4, 8, device=DEVICE)
+    assert supports(q, q, score) and supports(q.half(), q.half(), score.half())
+    assert not supports(q.bfloat16(), q.bfloat16(), score.bfloat16())
+    with pytest.raises(TypeError, match=r"compute capability >= 8.0 for bfloat16.*torch.bfloat16.*capability 7.5"):
+        triton_neural_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), score.bfloat16())
+    if DEVICE == "cuda":
+        assert resolve_backend("auto", q.bfloat16(), q.bfloat16(), score.bfloat16()) == "chunked"
+
+
+@pytest.mark.parametrize("launch, message", [
+    (dict(block_m=8), "block_m must be a power of two of at least 16.*got 8"),
+    (dict(block_n=48), "block_n must be a power of two of at least 16.*got 48"),
+])
+def test_bad_block_sizes_raise(launch, message):
+    q = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        triton_neural_attention(q, q, q, NeuralScore(8).to(DEVICE), **launch)
+
+
+def test_mask_offsets_past_two_to_the_31():
+    """A mask row stride of 2^30 + 64: row 2 starts past 2^31 elements, where int32 offsets would wrap around.
+    The storage is only reserved (torch.empty), three rows of it are written."""
+    L, S, row_stride = 3, 20, 2 ** 30 + 64
+    mask = torch.empty(row_stride * (L - 1) + S, dtype=torch.bool, device=DEVICE).as_strided((L, S), (row_stride, 1))
+    mask.copy_(torch.rand(L, S, device=DEVICE) > 0.3)
+    score = lively_score(8, proj_dim=2)
+    q, k, v = (torch.randn(1, n, 8, device=DEVICE) for n in (L, S, S))
+    assert_matches_reference(q, k, v, score, mask, **BLOCKS_16)
+
+
+def test_more_batch_heads_than_a_grid_axis_allows():
+    """B*H = 65,600 > 65,535, the limit of CUDA's grid axes 1 and 2: the 1-D grid takes it."""
+    if DEVICE == "cpu":
+        pytest.skip("the interpreter has no grid limits and would run 65,600 programs one by one")
+    score = lively_score(8, proj_dim=2)
+    q, k, v = (torch.randn(2, 32800, 5, 8, device=DEVICE) for _ in range(3))
+    assert_matches_reference(q, k, v, score, is_causal=True)
+
+
+def test_autotuned_launch(monkeypatch):
+    """The default GPU path: each kernel autotunes over the configs that fit and keeps the fastest. Without a GPU
+    the interpreter runs it, timed by the wall clock instead of CUDA events."""
+    if DEVICE == "cpu":
+        def wall_clock(kernel_call, quantiles):
+            start = time.perf_counter()
+            kernel_call()
+            return [time.perf_counter() - start] * len(quantiles)
+
+        monkeypatch.setattr(triton_kernels, "_launch_config", lambda *args: None)
+        for tuned in triton_kernels._TUNED.values():
+            monkeypatch.setitem(tuned.__dict__, "do_bench", wall_clock)
+    score = lively_score(16, proj_dim=4)  # h1 = 4: 4 of the 6 configs fit
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (41, 37, 37))
+    assert_matches_reference(q, k, v, score, make_mask("bool", (41, 37)), is_causal=True)
+    fitting = triton_kernels._fitting_configs(CONFIGS, {}, H1P=4)
+    assert len(fitting) == 4
+    for tuned in triton_kernels._TUNED.values():
+        assert tuned.best_config in fitting
