@@ -8,6 +8,7 @@ COMMANDS = {
     "study-learnability": "minina.study",
     "train": "minina.train",
     "bench": "minina.bench",
+    "assignments": "minina.assignments.cli",
 }
 
 

@@ -1,0 +1,461 @@
+"""The course assignments: marker stripping, build --check, the checks (each fails a plausible wrong answer and says
+why), the student notebooks (every exercise not attempted), the grader on three submissions, and packaging.
+
+nbval runs every notebook under notebooks/assignments/ (solutions assert that all their checks pass).
+"""
+import csv
+import json
+import linecache
+import math
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from IPython.core.inputtransformer2 import TransformerManager
+
+import minina
+from minina.__main__ import main as minina_main
+from minina.assignments import ASSIGNMENTS, EXERCISES, check, passed
+from minina.assignments.build import ANSWER_PLACEHOLDER, MarkerError, build, render, student_notebook
+from minina.assignments.checks import run_exercise
+from minina.assignments.exercises import reference_mean_std, tile_logits
+from minina.assignments.grade import summary_table, write_gradescope
+from minina.masks import masked_softmax as reference_masked_softmax
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = ROOT / "notebooks" / "assignments"
+SOLUTIONS = sorted((FOLDER / "solutions").glob("*.ipynb"))
+BLOCK = re.compile(r"^\s*# BEGIN (SOLUTION|HIDDEN TESTS).*?^\s*# END (SOLUTION|HIDDEN TESTS)\s*$", re.M | re.S)
+MD_BLOCK = re.compile(r"<!--\s*BEGIN SOLUTION\s*-->(.*?)<!--\s*END SOLUTION\s*-->", re.S)
+
+
+def run_cell(source, namespace, name):
+    """Execute a notebook cell as its kernel would, with its source findable (Triton's JIT reads it)."""
+    source = TransformerManager().transform_cell(source)
+    filename = f"<{name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), namespace)
+
+
+def fail(exercise_id, *objects):
+    result = run_exercise(exercise_id, objects, seed=0)
+    assert result.status == "failed", result
+    return result.message
+
+
+# ---------------------------------------------------------------------------------------------- build and markers
+
+
+def code(source):
+    return nbformat.v4.new_code_cell(source)
+
+
+def test_markers_become_stubs_and_hidden_tests_vanish():
+    solution = nbformat.v4.new_notebook(cells=[
+        code("def f(x):\n    y = 1\n    # BEGIN SOLUTION\n    z = x + y\n    return z\n    # END SOLUTION"),
+        code('check("A9.f", f)\n# BEGIN HIDDEN TESTS\nassert passed("A9.f")\n# END HIDDEN TESTS'),
+        code("answer = 42  # SOLUTION\ndef g():\n    return 7  # SOLUTION\nprint(1)  # SOLUTION"),
+        code("# BEGIN HIDDEN TESTS\nassert answer == 42\n# END HIDDEN TESTS"),
+        nbformat.v4.new_markdown_cell("Why?\n\n<!-- BEGIN SOLUTION -->\nBecause.\n<!-- END SOLUTION -->"),
+        code("# BEGIN SOLUTION A9.h\nh = 3\n# END SOLUTION"),
+    ])
+    solution.cells[0].outputs = [nbformat.v4.new_output("stream", text="hi")]
+    student = student_notebook(solution)
+    sources = [cell.source for cell in student.cells]
+    assert sources == [
+        'def f(x):\n    y = 1\n    raise NotImplementedError("A9.f")',
+        'check("A9.f", f)',
+        "answer = ...\ndef g():\n    return ...\n...",
+        f"Why?\n\n{ANSWER_PLACEHOLDER}",
+        'raise NotImplementedError("A9.h")',
+    ]
+    assert student.cells[0].outputs == [] and solution.cells[0].outputs  # the source is not modified
+
+
+@pytest.mark.parametrize("source", ["# BEGIN SOLUTION\nx = 1", "x = 1\n# END SOLUTION",
+                                    "# BEGIN HIDDEN TESTS\nx = 1\n# END SOLUTION",
+                                    "# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION"])
+def test_unpaired_markers_are_an_error(source):
+    with pytest.raises(MarkerError, match="cell 0"):
+        student_notebook(nbformat.v4.new_notebook(cells=[code(source)]), "broken")
+
+
+def test_build_check_passes_and_names_a_stale_notebook(tmp_path, capsys):
+    assert len(SOLUTIONS) >= 6
+    assert build(FOLDER, check=True) == []
+    (tmp_path / "solutions").mkdir()
+    source = tmp_path / "solutions" / SOLUTIONS[0].name
+    source.write_text(SOLUTIONS[0].read_text(encoding="utf-8"), encoding="utf-8")
+    assert "missing" in build(tmp_path, check=True)[0]
+    assert build(tmp_path) == []
+    target = tmp_path / SOLUTIONS[0].name
+    target.write_text(target.read_text(encoding="utf-8").replace("Exercise", "Exercize"), encoding="utf-8")
+    problems = build(tmp_path, check=True)
+    assert len(problems) == 1 and SOLUTIONS[0].name in problems[0] and "differs" in problems[0]
+    with pytest.raises(SystemExit) as exit_info:
+        minina_main(["assignments", "build", "--check", "--dir", str(tmp_path)])
+    assert exit_info.value.code == 1 and SOLUTIONS[0].name in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_student_notebook_keeps_nothing_of_solution_blocks(path):
+    solution = nbformat.read(path, as_version=4)
+    student = nbformat.read(FOLDER / path.name, as_version=4)
+    nbformat.validate(student)
+    assert render(student_notebook(solution, path.stem)) == (FOLDER / path.name).read_text(encoding="utf-8")
+    assignment = solution.metadata["minina"]["assignment"]
+    assert ASSIGNMENTS[assignment][0] == path.stem and student.metadata["minina"]["assignment"] == assignment
+    solution_text = "\n".join(cell.source for cell in solution.cells)
+    outside = BLOCK.sub("", MD_BLOCK.sub("", solution_text)).splitlines()
+    student_lines = "\n".join(cell.source for cell in student.cells).splitlines()
+    hidden = [line for block in BLOCK.finditer(solution_text) for line in block.group(0).splitlines()[1:-1]]
+    hidden += [line for block in MD_BLOCK.finditer(solution_text) for line in block.group(1).splitlines()]
+    assert hidden
+    for line in (line for line in hidden if line.strip()):
+        assert student_lines.count(line) == outside.count(line), f"{line!r} leaks into the student notebook"
+    assert not any(cell.get("outputs") or cell.get("execution_count") for cell in student.cells)
+    stubs = re.findall(r'raise NotImplementedError\("([^"]+)"\)', "\n".join(student_lines))
+    mine = sorted(e for e in EXERCISES if e.startswith(assignment + "."))
+    assert set(stubs) <= set(mine) and stubs
+    for exercise_id in mine:  # every exercise is checked in the notebook
+        assert f'check("{exercise_id}"' in "\n".join(student_lines)
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_solution_notebook_is_committed_executed(path):
+    notebook = nbformat.read(path, as_version=4)
+    first = notebook.cells[0].source
+    assert first.startswith("# ") and "What you will practise" in first
+    assert (f"https://colab.research.google.com/github/minina-org/minina/blob/main/notebooks/assignments/"
+            f"{path.name})") in first
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert 'IN_COLAB = "google.colab" in sys.modules' in code_cells[0].source
+    assert '%pip install -q "minina @ git+https://github.com/minina-org/minina.git"' in code_cells[0].source
+    assert [cell.execution_count for cell in code_cells] == list(range(1, len(code_cells) + 1))
+    assert not any(output.output_type == "error" for cell in code_cells for output in cell.outputs)
+    printed = "".join(o.get("text", "") for cell in code_cells for o in cell.outputs)
+    assert ": failed" not in printed and ": not attempted" not in printed and "✓" in printed
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_student_notebook_runs_and_reports_not_attempted(path, monkeypatch, capsys):
+    """Run the student version's code in this process (as its kernel would) and check every exercise's names."""
+    monkeypatch.chdir(FOLDER)
+    student = nbformat.read(FOLDER / path.name, as_version=4)
+    namespace = {"__name__": "__main__"}
+    with torch.random.fork_rng(devices=[]):
+        for index, cell in enumerate(student.cells):
+            if cell.cell_type == "code":
+                run_cell(cell.source, namespace, f"{path.stem}-{index}")
+    printed = capsys.readouterr().out
+    assignment = student.metadata["minina"]["assignment"]
+    for spec in (e for e in EXERCISES.values() if e.assignment == assignment):
+        assert f"{spec.id}: not attempted" in printed
+        result = run_exercise(spec.id, [namespace[name] for name in spec.names], seed=3)
+        assert result.status == "not attempted" and result.points == 0, result
+    assert ": passed" not in printed and ": failed" not in printed
+
+
+# ------------------------------------------------------------------------------------- check() and its results
+
+
+def test_check_prints_one_line_and_never_raises(capsys):
+    check("A1.masked_softmax", reference_masked_softmax)
+    check("A1.padding_mask", lambda lengths, max_len: 1 / 0)
+    check("A1.attention", lambda *args, **kwargs: (_ for _ in ()).throw(NotImplementedError("A1.attention")))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "✓ A1.masked_softmax: passed"
+    assert lines[1].startswith("✗ A1.padding_mask: failed: ") and "ZeroDivisionError" in lines[1]
+    assert lines[2] == "· A1.attention: not attempted"
+    assert passed("A1.masked_softmax") and not passed("A1.padding_mask") and not passed("A1.attention")
+    assert run_exercise("A6.mean_std", [...]).status == "not attempted"
+    with pytest.raises(ValueError, match="unknown exercise"):
+        check("A1.nope", len)
+    with pytest.raises(TypeError, match="takes 1 object"):
+        check("A1.masked_softmax", len, len)
+
+
+def test_check_does_not_move_the_notebook_random_stream():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    run_exercise("A1.attention", [minina.dot_product_attention])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_references_pass_their_own_checks():
+    assert run_exercise("A1.masked_softmax", [reference_masked_softmax], seed=1).passed
+    assert run_exercise("A1.attention", [minina.dot_product_attention], seed=1).passed
+    assert run_exercise("A2.pair_logits", [lambda q, k, score: score.logits(q, k)], seed=1).passed
+    assert run_exercise("A4.split_first_layer", [lambda q, k, score: score.split(q, k)[:2]], seed=1).passed
+    assert run_exercise("A6.mean_std", [reference_mean_std], seed=1).passed
+
+
+# ---------------------------------------------------------------------- one plausible wrong answer per exercise
+
+
+def softmax_without_shift(logits):
+    p = torch.exp(logits)
+    return p / p.sum(-1, keepdim=True)
+
+
+def test_wrong_masked_softmax():
+    assert "around 1000" in fail("A1.masked_softmax", softmax_without_shift) and "NaN" in fail(
+        "A1.masked_softmax", softmax_without_shift)
+    assert "all -inf" in fail("A1.masked_softmax", lambda x: torch.softmax(x, dim=-1))
+    assert "not exactly 0" in fail("A1.masked_softmax", lambda x: reference_masked_softmax(x.clamp(min=-30)))
+
+
+def test_wrong_attention():
+    def unscaled(q, k, v, attn_mask=None, is_causal=False):
+        return minina.dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=1.0)
+
+    def ignores_causal(q, k, v, attn_mask=None, is_causal=False):
+        return minina.dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    assert "no mask" in fail("A1.attention", unscaled) and "off by" in fail("A1.attention", unscaled)
+    assert "is_causal=True" in fail("A1.attention", ignores_causal)
+
+
+def test_wrong_padding_mask():
+    message = fail("A1.padding_mask", lambda lengths, S: (torch.arange(S) <= lengths[:, None])[:, None, None, :])
+    assert "lengths" in message and "should be False" in message
+
+
+def test_wrong_pair_logits():
+    def loops(q, k, score):
+        rows = [[score.mlp(torch.cat([score.q_proj(q[..., i, :]), score.k_proj(k[..., j, :])], -1))[..., 0]
+                 for j in range(k.shape[-2])] for i in range(q.shape[-2])]
+        return torch.stack([torch.stack(row, -1) for row in rows], -2)
+
+    def swapped(q, k, score):
+        return score.logits(k, q).transpose(-2, -1)
+
+    assert "without Python loops" in fail("A2.pair_logits", loops)
+    assert "logits" in fail("A2.pair_logits", swapped)
+
+
+def test_wrong_counts():
+    def no_biases(head_dim, proj_dim, hidden):
+        widths = (2 * proj_dim, *hidden, 1)
+        return 2 * head_dim * proj_dim + sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+    def multiply_adds(L, S, head_dim, proj_dim, hidden):
+        widths = (2 * proj_dim, *hidden, 1)
+        return (L + S) * head_dim * proj_dim + L * S * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+    assert "too few" in fail("A2.score_parameters", no_biases)
+    assert "too few" in fail("A2.score_flops", multiply_adds)
+    assert "bfloat16" in fail("A2.pair_tensor_bytes", lambda B, H, L, S, P, dtype: B * H * L * S * 2 * P * 4)
+    assert "whole number" in fail("A2.score_flops", lambda *args: 1.5)
+
+
+def scalar_score(weights):
+    """A NeuralScore(1, 1, (2, 1)) with the given (q_proj, k_proj, mlp0 W, mlp0 b, mlp2 W, mlp2 b, mlp4 W)."""
+    score = minina.NeuralScore(head_dim=1, proj_dim=1, hidden=(2, 1))
+    with torch.no_grad():
+        for parameter, value in zip([score.q_proj.weight, score.k_proj.weight, score.mlp[0].weight, score.mlp[0].bias,
+                                     score.mlp[2].weight, score.mlp[2].bias, score.mlp[4].weight], weights):
+            parameter.copy_(torch.as_tensor(value, dtype=torch.float32).reshape(parameter.shape))
+        for bias in (score.q_proj.bias, score.k_proj.bias, score.mlp[4].bias):
+            bias.zero_()
+    return score
+
+
+def test_wrong_scores():
+    # a score that only sees q + k behaves like a dot-product head: monotone in the key
+    monotone = scalar_score([1, 1, [[1, 1], [0, 0]], [2, 0], [[1, 0]], [0], [5]])
+    assert "not on the nearest key" in fail("A3.nearest_score", lambda: monotone)
+    nearest = scalar_score([1, 1, [[1, -1], [-1, 1]], [0, 0], [[-1, -1]], [4], [50]])
+    assert run_exercise("A3.nearest_score", [lambda: nearest]).passed
+    assert "query" in fail("A3.band_score", lambda: nearest)  # the nearest key only is not the whole band
+    assert "head_dim=1" in fail("A3.band_score", lambda: minina.NeuralScore(head_dim=4))
+
+
+def test_wrong_split_first_layer():
+    def no_bias(q, k, score):
+        first, P = score.mlp[0], score.proj_dim
+        return score.q_proj(q) @ first.weight[:, :P].T, score.k_proj(k) @ first.weight[:, P:].T
+
+    assert "A is off" in fail("A4.split_first_layer", no_bias)
+
+
+def online(q, k, v, score, block_size, is_causal=False, rescale_acc=True, whole=False):
+    L, S = q.shape[-2], k.shape[-2]
+    m = torch.full(q.shape[:-1], -math.inf, dtype=q.dtype)
+    l, acc = torch.zeros_like(m), torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    all_logits = score.logits(q, k) if whole else None
+    for start in range(0, S, block_size):
+        cols = slice(start, min(start + block_size, S))
+        s = all_logits[..., cols] if whole else score.logits(q, k[..., cols, :])
+        if is_causal:
+            s = s.masked_fill(torch.arange(cols.start, cols.stop) > torch.arange(L)[:, None], -math.inf)
+        new = torch.maximum(m, s.amax(-1))
+        safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+        p = torch.exp(s - safe[..., None])
+        l = l * torch.exp(m - safe) + p.sum(-1)
+        acc = (acc * torch.exp(m - safe)[..., None] if rescale_acc else acc) + p @ v[..., cols, :]
+        m = new
+    return acc / l[..., None], m + torch.log(l)
+
+
+def test_wrong_online_attention():
+    assert run_exercise("A4.online_attention", [online]).passed
+    message = fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, rescale_acc=False))
+    assert "block_size 1" in message and "rescale" in message
+    assert "at once" in fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, whole=True))
+
+
+def test_wrong_tile_backward():
+    def transposed_grad_v(p, v, grad_out):
+        out = p @ v
+        grad_logits = p * (grad_out @ v.T - (grad_out * out).sum(-1, keepdim=True))
+        return grad_out.T @ p, grad_logits  # dO^T P: (Ev, bs), the transpose of dV
+
+    def no_delta(p, v, grad_out):
+        return p.T @ grad_out, p * (grad_out @ v.T)
+
+    assert "grad_v" in fail("A5.softmax_backward", transposed_grad_v) and "transpose" in fail(
+        "A5.softmax_backward", transposed_grad_v)
+    assert "grad_logits" in fail("A5.softmax_backward", no_delta)
+
+    def swapped_sums(A, Bk, W2, b2, W3, b3, grad_logits):  # dA summed over queries, dBk over keys
+        params = [t.clone().requires_grad_() for t in (A, Bk, W2, b2, W3, b3)]
+        tile_logits(*params).backward(grad_logits)
+        grads = dict(zip(("A", "Bk", "W2", "b2", "W3", "b3"), (p.grad for p in params)))
+        grads["A"], grads["Bk"] = grads["Bk"], grads["A"]  # same shapes on a square tile
+        return grads
+
+    assert "gradient of A" in fail("A5.mlp_backward", swapped_sums)
+    assert "keys" in fail("A5.mlp_backward", lambda *args: {"A": args[0]})
+
+
+def test_wrong_experiment_pieces():
+    generator = torch.Generator().manual_seed(0)
+
+    def unseeded(kind, seed, steps=100):
+        return 2.5 + torch.rand((), generator=generator).item()
+
+    assert "seed" in fail("A6.train_one", unseeded)
+    def population_std(values):
+        mean = sum(values) / len(values)
+        return mean, math.sqrt(sum((x - mean) ** 2 for x in values) / len(values))
+
+    assert "n - 1" in fail("A6.mean_std", population_std)
+    assert "support" in fail("A6.conclude", lambda s, c: "dot is better" if s["dot"][0] < s["hybrid"][0]
+                             else "hybrid is better")
+
+
+def test_wrong_report():
+    def train_one(kind, seed, steps=100):
+        return 2.5 + 0.01 * seed + 0.1 * (kind == "hybrid")
+
+    results = {kind: {seed: train_one(kind, seed) for seed in range(3)} for kind in ("dot", "hybrid")}
+    summary = {kind: reference_mean_std(list(r.values())) for kind, r in results.items()}
+    assert run_exercise("A6.report", [results, summary, "dot is better", train_one]).passed
+    assert "not what your numbers support" in fail("A6.report", results, summary, "no clear difference", train_one)
+    population = {kind: (m, s * math.sqrt(2 / 3)) for kind, (m, s) in summary.items()}
+    assert "per-seed values" in fail("A6.report", results, population, "dot is better", train_one)
+    tampered = {kind: {seed: loss - 0.05 for seed, loss in r.items()} for kind, r in results.items()}
+    summary2 = {kind: reference_mean_std(list(r.values())) for kind, r in tampered.items()}
+    assert "re-running" in fail("A6.report", tampered, summary2, "dot is better", train_one)
+    two = {kind: dict(list(r.items())[:2]) for kind, r in results.items()}
+    assert "at least 3 seeds" in fail("A6.report", two, summary, "dot is better", train_one)
+    assert run_exercise("A6.report", [None, None, None, train_one]).status == "not attempted"
+
+
+def test_wrong_triton_kernel():
+    """The solution's kernel with the accumulator no longer rescaled: right with one key block, wrong with several."""
+    cells = nbformat.read(FOLDER / "solutions" / "a7_triton_forward.ipynb", as_version=4).cells
+    sources = [cell.source for cell in cells if cell.cell_type == "code"][1:]
+    kernel = next(source for source in sources if "@triton.jit" in source)
+    launcher = next(source for source in sources if "def triton_attention" in source)
+    right = "acc = acc * alpha[:, None] + tl.dot(p, v)"
+    assert right in kernel
+    namespace = {"__name__": "__main__"}
+    run_cell(sources[0], namespace, "a7-imports")
+    run_cell(kernel.replace(right, "acc = acc + tl.dot(p, v)"), namespace, "a7-wrong-kernel")
+    run_cell(launcher, namespace, "a7-launcher")
+    message = fail("A7.triton_attention", namespace["triton_attention"])
+    assert "BLOCK_N 16" in message and "rescale" in message
+
+
+# ------------------------------------------------------------------------------------------------------ grader
+
+
+def test_grader_full_zero_and_error_rows(tmp_path):
+    name = ASSIGNMENTS["A1"][0] + ".ipynb"
+    folders = {kind: tmp_path / kind for kind in ("solution", "student", "broken")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["solution"] / name).write_text((FOLDER / "solutions" / name).read_text(encoding="utf-8"), encoding="utf-8")
+    (folders["student"] / name).write_text((FOLDER / name).read_text(encoding="utf-8"), encoding="utf-8")
+    broken = nbformat.read(FOLDER / name, as_version=4)
+    for cell in broken.cells:  # a syntax error where each function is defined, and an endless loop
+        if "raise NotImplementedError" in cell.source:
+            cell.source = "def oops(:\n    pass"
+    broken.cells.insert(3, nbformat.v4.new_code_cell("while True:\n    pass"))
+    nbformat.write(broken, folders["broken"] / name)
+    out = tmp_path / "grades.csv"
+    result = subprocess.run([sys.executable, "-m", "minina", "assignments", "grade", *map(str, folders.values()),
+                             "--out", str(out), "--seed", "7", "--timeout", "20"],
+                            capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert list(rows[0]) == ["notebook", "assignment", "exercise", "status", "points", "max_points", "message"]
+    by_kind = {kind: [row for row in rows if f"/{kind}/" in row["notebook"]] for kind in folders}
+    exercises = sorted(e for e in EXERCISES if e.startswith("A1."))
+    for kind, status in (("solution", "passed"), ("student", "not attempted"), ("broken", "error")):
+        assert sorted(row["exercise"] for row in by_kind[kind]) == exercises
+        assert {row["status"] for row in by_kind[kind]} == {status}, by_kind[kind]
+        assert all(row["assignment"] == "A1" for row in by_kind[kind])
+    assert all(float(row["points"]) == float(row["max_points"]) > 0 for row in by_kind["solution"])
+    assert all(float(row["points"]) == 0 for row in by_kind["student"] + by_kind["broken"])
+    assert all("not defined" in row["message"] and "SyntaxError" in row["message"] for row in by_kind["broken"])
+    assert "passed" in result.stdout and "3/3" in result.stdout and "0/3" in result.stdout
+
+
+def test_gradescope_results_and_summary(tmp_path):
+    rows = [dict(notebook="a.ipynb", assignment="A1", exercise="A1.attention", status="passed", points=1,
+                 max_points=1, message=""),
+            dict(notebook="a.ipynb", assignment="A1", exercise="A1.padding_mask", status="failed", points=0,
+                 max_points=1, message="lengths [3], max_len 6: mask is off")]
+    write_gradescope(rows, tmp_path / "results.json")
+    tests = json.loads((tmp_path / "results.json").read_text())["tests"]
+    assert tests == [{"name": "A1.attention", "score": 1, "max_score": 1, "output": "passed"},
+                     {"name": "A1.padding_mask", "score": 0, "max_score": 1,
+                      "output": "failed: lengths [3], max_len 6: mask is off"}]
+    assert "1/2" in summary_table(rows)
+
+
+def test_grader_error_rows_for_unreadable_notebooks(tmp_path):
+    from minina.assignments.grade import grade
+    (tmp_path / "a2_neural_score.ipynb").write_text("{not json", encoding="utf-8")
+    (tmp_path / "mystery.ipynb").write_text(render(nbformat.v4.new_notebook()), encoding="utf-8")
+    rows = grade([tmp_path], tmp_path / "grades.csv")
+    a2 = [row for row in rows if row["assignment"] == "A2"]
+    assert len(a2) == 4 and {row["status"] for row in a2} == {"error"} and "readable" in a2[0]["message"]
+    assert [row["status"] for row in rows if "mystery" in row["notebook"]] == ["error"]
+
+
+# --------------------------------------------------------------------------------------------------- packaging
+
+
+def test_the_wheel_ships_the_assignments():
+    """setuptools' package finding, as the wheel build runs it on pyproject's configuration."""
+    from setuptools import find_packages
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    if "packages" in config and isinstance(config["packages"], list):
+        packages = config["packages"]
+    else:
+        packages = find_packages(where=str(ROOT), include=config["packages"]["find"]["include"])
+    assert "minina.assignments" in packages and "minina" in packages
+    assert (ROOT / "minina" / "assignments" / "__init__.py").is_file()
+    core = [path for path in (ROOT / "minina").glob("*.py")]
+    assert not any("assignments" in path.read_text(encoding="utf-8") for path in core if path.name != "__main__.py")
