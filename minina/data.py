@@ -1,8 +1,9 @@
 """The datasets of the paper's experiments, read from local files (downloaded, with checksums, only when asked).
 
-Text: `load_text` gives token ids for Tiny Shakespeare (characters) and WikiText-2/103 (words); `lm_batches` and
-`lm_eval_batches` cut them into (B, T) windows. Images: `load_images` gives normalized image datasets for CIFAR-10/100,
-Fashion-MNIST or any ImageFolder tree. Files are looked for under `data_root()`:
+Text: `load_text` gives token ids for Tiny Shakespeare (characters), WikiText-2/103 (words) and the generated
+recall task of minina.tasks (recall_ring, recall_nearest); `lm_batches` and `lm_eval_batches` cut them into (B, T)
+windows. Images: `load_images` gives normalized image datasets for CIFAR-10/100, Fashion-MNIST or any ImageFolder
+tree. Files are looked for under `data_root()` (the generated recall task needs none):
 
     <root>/tinyshakespeare/input.txt
     <root>/wikitext-2/wiki.{train,valid,test}.tokens      (wikitext-103/ for WikiText-103)
@@ -36,6 +37,11 @@ TEXT_DATASETS = {
                      "https://wikitext.smerity.com/wikitext-103-v1.zip"),
                     "9ddaacaf6af0710eda8c456decff7832"),
 }
+GENERATED_TEXT = {  # name: minina.tasks.recall_corpus relation; generated from a seed, no files
+    "recall_ring": "ring",
+    "recall_nearest": "nearest",
+}
+TEXT_DATASETS.update(dict.fromkeys(GENERATED_TEXT))  # their entry is None: nothing to download
 IMAGE_DATASETS = ("cifar10", "cifar100", "fashion-mnist")
 FASHION_MNIST_FILES = {  # file: md5 (the upstream gzip files, as torchvision checks them)
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -164,9 +170,14 @@ def load_text(name, root=None, download=False):
 
     tinyshakespeare: characters, the first 90% of the file for training and the rest for val (test = val).
     wikitext: words, vocabulary from the train split in order of first appearance.
+    recall_ring, recall_nearest: the synthetic recall task of minina.tasks.recall_corpus, generated (no files).
     """
     if name not in TEXT_DATASETS:
         raise ValueError(f"unknown text dataset {name!r}; choose one of {sorted(TEXT_DATASETS)}")
+    if name in GENERATED_TEXT:
+        from .tasks import recall_corpus
+
+        return recall_corpus(GENERATED_TEXT[name])
     folder_name, files, urls, md5 = TEXT_DATASETS[name]
     folder = data_root(root) / folder_name
     missing = [f for f in files if not (folder / f).is_file()]

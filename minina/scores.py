@@ -8,9 +8,10 @@ from .activations import ACTIVATIONS
 
 INITS = ("paper", "kaiming")
 # The options `python -m minina study-learnability` recommends: NeuralScore(head_dim, **RELIABLE_SCORE_OPTIONS).
-# Over 10 seeds on four probes 1 of 40 GELU runs stalled on a flat score, against 4 of 40 for the paper's ReLU
-# MLP, 6 with learn_scale and 3 with kaiming init (suggestive, not significant); see README "Training reliably".
-RELIABLE_SCORE_OPTIONS = {"activation": "gelu"}
+# A last hidden layer as wide as the first (P units instead of P // 2) and GELU, which has no hard zero: in 40 runs
+# on four probes none stalled (the paper's ReLU MLP: 4, its last hidden layer dead), 34 reached the margin (paper
+# 29), though not 9 of 10 on every probe; see README "Training reliably".
+RELIABLE_SCORE_OPTIONS = {"hidden": "wide", "activation": "gelu"}
 
 
 def default_proj_dim(head_dim):
@@ -22,25 +23,36 @@ class NeuralScore(nn.Module):
     """s(q_i, k_j) = MLP([q_proj(q_i); k_proj(k_j)]), shared by all heads.
 
     With proj_dim P the MLP is 2P -> hidden[0] -> ... -> hidden[-1] -> 1 with the activation between layers;
-    the paper's hidden widths are (P, P // 2), each at least 1. No 1/sqrt(d) scaling is applied.
+    the paper's hidden widths are (P, P // 2), each at least 1 (hidden="paper", the default); hidden="wide" is
+    (P, P). No 1/sqrt(d) scaling is applied.
 
     Opt-in training aids (defaults reproduce the paper): init="kaiming" draws the MLP weights from
     N(0, 2 / fan_in) with zero biases instead of PyTorch's default uniform init; learn_scale=True multiplies the
     logit by a learnable scalar `logit_scale` starting at scale_init (5.0 if not given). Both widen the initial
     logit spread, but in `python -m minina study-learnability` neither stopped the tiny ReLU MLP from dying (every
-    unit of its last hidden layer off for all pairs: a constant score, uniform attention, for good);
-    activation="gelu", which has no hard zero, stalled least there: see RELIABLE_SCORE_OPTIONS.
+    unit of its last hidden layer off for all pairs: a constant score, uniform attention, for good).
+    The candidates measured against that: activation="gelu" or "leaky_relu" (no hard zero); bias_init=b sets the
+    biases of the hidden layers to b (b > 0: units start on for most pairs); hidden="wide" (more units to keep
+    alive, no kernel change); residual=True adds the scaled dot product, s = MLP(...) + q_i . k_j / sqrt(head_dim),
+    and zeroes the MLP's last layer so training starts from dot-product attention (one extra dot product per
+    pair; the reference and chunked backends implement it). See RELIABLE_SCORE_OPTIONS for the study's pick.
     """
 
     def __init__(self, head_dim, proj_dim=None, hidden=None, activation="relu", init="paper", learn_scale=False,
-                 scale_init=None):
+                 scale_init=None, bias_init=None, residual=False):
         super().__init__()
         if not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
         proj_dim = default_proj_dim(head_dim) if proj_dim is None else proj_dim
         if not isinstance(proj_dim, int) or proj_dim < 1:
             raise ValueError(f"proj_dim must be a positive int, got {proj_dim!r}")
-        hidden = (proj_dim, max(1, proj_dim // 2)) if hidden is None else tuple(hidden)
+        if hidden is None or hidden == "paper":
+            hidden = (proj_dim, max(1, proj_dim // 2))
+        elif hidden == "wide":
+            hidden = (proj_dim, proj_dim)  # a last hidden layer as wide as the first: more units to keep alive
+        elif isinstance(hidden, str):
+            raise ValueError(f"hidden must be 'paper', 'wide' or a sequence of positive ints, got {hidden!r}")
+        hidden = tuple(hidden)
         if len(hidden) == 0 or any(not isinstance(h, int) or h < 1 for h in hidden):
             raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
         if activation not in ACTIVATIONS:
@@ -51,11 +63,16 @@ class NeuralScore(nn.Module):
             raise TypeError(f"learn_scale must be a bool, got {type(learn_scale).__name__}")
         if scale_init is not None and not learn_scale:
             raise ValueError(f"scale_init applies only with learn_scale=True, got scale_init={scale_init!r}")
+        if bias_init is not None and (isinstance(bias_init, bool) or not isinstance(bias_init, (int, float))
+                                      or not math.isfinite(bias_init)):
+            raise ValueError(f"bias_init must be a finite number or None, got {bias_init!r}")
+        if not isinstance(residual, bool):
+            raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
         scale_init = 5.0 if scale_init is None else scale_init
         if isinstance(scale_init, bool) or not isinstance(scale_init, (int, float)) or not 0 < scale_init < math.inf:
             raise ValueError(f"scale_init must be a positive finite number, got {scale_init!r}")
         self.head_dim, self.proj_dim, self.hidden, self.activation = head_dim, proj_dim, hidden, activation
-        self.init, self.learn_scale = init, learn_scale
+        self.init, self.learn_scale, self.bias_init, self.residual = init, learn_scale, bias_init, residual
         self.q_proj = nn.Linear(head_dim, proj_dim)
         self.k_proj = nn.Linear(head_dim, proj_dim)
         widths = (2 * proj_dim, *hidden, 1)
@@ -69,12 +86,20 @@ class NeuralScore(nn.Module):
             for layer in self.linears():
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")  # std sqrt(2 / fan_in)
                 nn.init.zeros_(layer.bias)
+        if bias_init is not None:  # hidden units start on for most pairs
+            for layer in self.linears()[:-1]:
+                nn.init.constant_(layer.bias, float(bias_init))
+        if residual:  # the MLP starts at 0, so attention starts as scaled dot-product attention
+            nn.init.zeros_(self.linears()[-1].weight)
+            nn.init.zeros_(self.linears()[-1].bias)
         if learn_scale:
             self.logit_scale = nn.Parameter(torch.tensor(float(scale_init)))
 
     def extra_repr(self):
         options = "".join([f", init={self.init!r}" if self.init != "paper" else "",
-                           ", learn_scale=True" if self.learn_scale else ""])
+                           ", learn_scale=True" if self.learn_scale else "",
+                           f", bias_init={self.bias_init!r}" if self.bias_init is not None else "",
+                           ", residual=True" if self.residual else ""])
         return (f"head_dim={self.head_dim}, proj_dim={self.proj_dim}, hidden={self.hidden}, "
                 f"activation={self.activation!r}{options}")
 
@@ -90,16 +115,24 @@ class NeuralScore(nn.Module):
         pairs = torch.cat([a.unsqueeze(-2).expand(*batch, L, S, P),
                            b.unsqueeze(-3).expand(*batch, L, S, P)], dim=-1)  # (..., L, S, 2P)
         logits = self.mlp(pairs).squeeze(-1)  # (..., L, S)
-        return logits * self.logit_scale if self.learn_scale else logits
+        logits = logits * self.logit_scale if self.learn_scale else logits
+        if self.residual:
+            logits = logits + (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (..., L, S)
+        return logits
 
-    def split(self, q, k):
+    def split(self, q, k, dot_term=False):
         """Split the first layer over the concatenation, for backends that never build the pair tensor.
 
         W1 [a; b] + c = (W1_q a + c) + W1_k b, so the first hidden layer of pair (i, j) is act(A_i + Bk_j) with
         A = W1_q q_proj(q) + c of shape (..., L, hidden[0]) and Bk = W1_k k_proj(k) of shape (..., S, hidden[0]).
         Returns (A, Bk, rest): rest is the list of (weight, bias) of the remaining linear layers, with a learned
-        logit_scale already folded into the last pair, so backends never see it.
+        logit_scale already folded into the last pair, so backends never see it. A backend that adds the residual
+        dot product passes dot_term=True and gets (A, Bk, rest, dot): dot is (q / sqrt(head_dim), k), whose
+        pair products the score adds, or None without residual=True; other backends cannot take residual scores.
         """
+        if self.residual and not dot_term:
+            raise ValueError("NeuralScore(residual=True) adds q . k / sqrt(head_dim) to the MLP, which this backend "
+                             "does not implement; use backend='reference' or 'chunked'")
         first, *rest = self.linears()
         w_q, w_k = first.weight[:, : self.proj_dim], first.weight[:, self.proj_dim:]  # (h1, P) each
         A = self.q_proj(q) @ w_q.T + first.bias  # (..., L, h1)
@@ -108,4 +141,6 @@ class NeuralScore(nn.Module):
         if self.learn_scale:
             weight, bias = rest[-1]
             rest[-1] = (weight * self.logit_scale, bias * self.logit_scale)  # (1, h_last), (1,)
-        return A, Bk, rest
+        if not dot_term:
+            return A, Bk, rest
+        return A, Bk, rest, ((q / math.sqrt(self.head_dim), k) if self.residual else None)

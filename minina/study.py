@@ -7,6 +7,7 @@ at which the training loss, averaged over a window of CURVE_EVERY steps, falls t
 Each finished run is appended to the CSV at once; rerunning the same command skips the runs already there.
 """
 import csv
+import math
 import multiprocessing
 import statistics
 import time
@@ -27,7 +28,15 @@ VARIANTS = {
     "kaiming": {"init": "kaiming"},
     "kaiming+scale": {"init": "kaiming", "learn_scale": True},
     "gelu": {"activation": "gelu"},
+    "leaky": {"activation": "leaky_relu"},
+    "bias": {"bias_init": 0.5},
+    "wide": {"hidden": "wide"},
+    "residual": {"residual": True},
+    "wide+gelu": {"hidden": "wide", "activation": "gelu"},
 }
+# what the command runs by default: the variants kept for continuity, "wide" and the recommended "wide+gelu"
+# (README "Training reliably"); the other candidates (leaky, bias, residual) and learn_scale run with --variants
+DEFAULT_VARIANTS = ("dot", "paper", "kaiming", "gelu", "wide", "wide+gelu")
 CURVE_EVERY = 50  # training-loss curve resolution (steps) kept in the CSV
 FIELDS = ["task", "variant", "seed", "steps", "num_keys", "proj_dim", "test_mse", "seconds", "curve"]
 
@@ -61,7 +70,7 @@ def _read_csv(path):
     return rows
 
 
-def run_study(tasks=tuple(TASKS), variants=tuple(VARIANTS), seeds=10, steps=1500, num_keys=8, proj_dim=8,
+def run_study(tasks=tuple(TASKS), variants=DEFAULT_VARIANTS, seeds=10, steps=1500, num_keys=8, proj_dim=8,
               csv_path=None, workers=2, progress=True):
     """Train every (task, variant, seed); returns the rows (dicts with FIELDS).
 
@@ -109,6 +118,19 @@ def run_study(tasks=tuple(TASKS), variants=tuple(VARIANTS), seeds=10, steps=1500
     return rows
 
 
+def wilson_interval(successes, trials, z=1.96):
+    """Wilson score interval for a success rate (95% at z = 1.96): (low, high) in [0, 1].
+
+    Unlike p ± z sqrt(p (1 - p) / n) it stays inside [0, 1] and is not empty at 0 or n successes.
+    """
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}")
+    p = successes / trials
+    center = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def steps_to(curve, threshold):
     """First step at which the windowed training loss is at most threshold, or None."""
     values = [float(x) for x in curve.split()] if isinstance(curve, str) else list(curve)
@@ -120,6 +142,7 @@ def summarize(rows, margin=0.05):
 
     A run stalls when it ends worse than the median dot-product run on its task (counted for the neural variants
     when "dot" was run).
+    Each variant also gets the Wilson 95% interval of its success rate ("interval").
     Returns {task: {"best": float, "threshold": float, "dot": float or None, "variants": {variant: {...}}}}.
     """
     summary = {}
@@ -139,7 +162,7 @@ def summarize(rows, margin=0.05):
             per_variant[variant] = {
                 "errors": errors, "mean": statistics.mean(errors),
                 "std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
-                "successes": len(wins), "seeds": len(runs),
+                "successes": len(wins), "seeds": len(runs), "interval": wilson_interval(len(wins), len(runs)),
                 "stalls": None if dot is None or variant == "dot" else sum(e > dot for e in errors),
                 "median_steps": statistics.median(reached) if reached else None,
             }
@@ -149,14 +172,16 @@ def summarize(rows, margin=0.05):
 
 def format_table(summary):
     """The summary as a plain-text table, one line per (task, variant)."""
-    lines = [f"{'task':<12} {'variant':<14} {'success':>8} {'median steps':>13} {'stalled':>8} "
+    lines = [f"{'task':<12} {'variant':<14} {'success':>8} {'95% interval':>13} {'median steps':>13} {'stalled':>8} "
              f"{'test MSE mean ± std':>20}  per seed"]
     for task, entry in summary.items():
         for variant, stats in entry["variants"].items():
             steps = "-" if stats["median_steps"] is None else f"{stats['median_steps']:.0f}"
             stalls = "-" if stats["stalls"] is None else f"{stats['stalls']}/{stats['seeds']}"
             per_seed = " ".join(f"{e:.3f}" for e in stats["errors"])
-            lines.append(f"{task:<12} {variant:<14} {stats['successes']:>4}/{stats['seeds']:<3} {steps:>13} "
+            low, high = stats["interval"]
+            lines.append(f"{task:<12} {variant:<14} {stats['successes']:>4}/{stats['seeds']:<3} "
+                         f"{f'{low:.2f}-{high:.2f}':>13} {steps:>13} "
                          f"{stalls:>8} {stats['mean']:>11.3f} ± {stats['std']:.3f}  {per_seed}")
         dot = "" if entry["dot"] is None else f"; stalled: worse than the median dot run, {entry['dot']:.3f}"
         lines.append(f"{'':<12} (success: test MSE <= best {entry['best']:.3f} + margin = {entry['threshold']:.3f}"
@@ -203,8 +228,9 @@ def add_arguments(parser):
     parser.add_argument("--seeds", type=int, default=10, help="seeds per task and variant (default 10)")
     parser.add_argument("--steps", type=int, default=1500, help="Adam steps per run (default 1500)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="probe tasks (default all)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="score variants (default all); 'dot' is the dot-product baseline")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+                        help=f"score variants (default {' '.join(DEFAULT_VARIANTS)}); 'dot' is the dot-product "
+                             "baseline")
     parser.add_argument("--margin", type=float, default=0.05, help="success: test MSE <= task best + margin (0.05)")
     parser.add_argument("--workers", type=int, default=2, help="training processes, one thread each (default 2)")
     parser.add_argument("--out", default="runs/learnability", help="folder for results.csv and results.png")

@@ -31,7 +31,7 @@ def outputs_and_grads(backend, q, k, v, score, attn_mask=None, is_causal=False, 
     inputs = [q, k, v, *score.parameters()] + ([attn_mask] if attn_mask is not None and attn_mask.requires_grad
                                                else [])
     if backend == "reference":
-        out = neural_attention(q, k, v, score, attn_mask, is_causal, backend="reference")
+        out = neural_attention(q, k, v, score, attn_mask, is_causal=is_causal, backend="reference")
     else:
         out = chunked_neural_attention(q, k, v, score, attn_mask, is_causal, **blocks)
     weight = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
@@ -74,11 +74,41 @@ def test_equals_reference_over_widths_and_dtypes(proj_dim, dtype):
 
 
 @pytest.mark.parametrize("options", [dict(hidden=(3,)), dict(hidden=(6, 5, 3)), dict(hidden=(4, 2), activation="gelu"),
-                                     dict(init="kaiming", learn_scale=True, scale_init=3.0)])
+                                     dict(init="kaiming", learn_scale=True, scale_init=3.0),
+                                     dict(activation="leaky_relu", bias_init=0.5)])
 def test_any_hidden_widths_activation_and_score_options(options):
     score = NeuralScore(8, proj_dim=3, **options).double()
     q, k, v = random_inputs((2, 9, 8), (2, 11, 8), (2, 11, 4))
     assert_same(q, k, v, score, make_mask("bool", (2,), 9, 11, None), True, block_l=4, block_s=4)
+
+
+def residual_score(head_dim, **options):
+    """A residual score whose zero-initialized last layer is randomized, so that every gradient path is exercised."""
+    score = NeuralScore(head_dim, residual=True, **options).double()
+    with torch.no_grad():
+        for parameter in score.linears()[-1].parameters():
+            parameter.normal_()
+    return score
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_residual_score_equals_reference(activation, is_causal):
+    score = residual_score(8, proj_dim=3, activation=activation)
+    q, k, v = random_inputs((2, 3, 9, 8), (2, 3, 11, 8), (2, 3, 11, 4))
+    assert_same(q, k, v, score, make_mask("bool", (2, 3), 9, 11, None), is_causal, block_l=4, block_s=3)
+    q, k, v = random_inputs((2, 3, 6, 8), (3, 7, 8), (7, 4))  # k shared over batch, v over batch and heads
+    assert_same(q, k, v, residual_score(8, learn_scale=True), None, False, block_l=4, block_s=4)
+
+
+def test_residual_score_adds_the_scaled_dot_product():
+    """At init the MLP's last layer is zero, so the residual score is exactly scaled dot-product attention."""
+    q, k, v = random_inputs((2, 5, 8), (2, 7, 8), (2, 7, 3))
+    score = NeuralScore(8, residual=True).double()
+    expected = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1) @ v  # written out, independently
+    torch.testing.assert_close(chunked_neural_attention(q, k, v, score, block_l=2, block_s=3), expected)
+    with pytest.raises(ValueError, match="residual=True"):
+        score.split(q, k)  # a backend that ignores the dot product must not get a residual score
 
 
 def test_batch_and_head_broadcasting():
@@ -126,6 +156,10 @@ def test_gradcheck():
     def f(q, k, v, mask, *weights):
         return torch.func.functional_call(_Chunked(score), dict(zip(names, weights)), (q, k, v, mask))
 
+    weights = [p.detach().clone().requires_grad_() for p in score.parameters()]
+    assert torch.autograd.gradcheck(f, (q, k, v, mask, *weights))
+    score = residual_score(4, proj_dim=2, hidden=(3, 2))
+    names = ["score." + name for name, _ in score.named_parameters()]
     weights = [p.detach().clone().requires_grad_() for p in score.parameters()]
     assert torch.autograd.gradcheck(f, (q, k, v, mask, *weights))
 

@@ -106,6 +106,53 @@ def test_split_matches_logits_and_gradients(options):
         torch.testing.assert_close(a, b)
 
 
+def test_wide_hidden_and_bias_init():
+    """hidden="wide" is (P, P) with the paper's init draws; bias_init sets every hidden bias, never the output's."""
+    torch.manual_seed(0)
+    wide = NeuralScore(16, 6, hidden="wide")
+    torch.manual_seed(0)
+    explicit = NeuralScore(16, 6, hidden=(6, 6))
+    assert wide.hidden == (6, 6) and NeuralScore(16, 6, hidden="paper").hidden == (6, 3)
+    for a, b in zip(wide.parameters(), explicit.parameters()):
+        assert torch.equal(a, b)
+    torch.manual_seed(0)
+    biased = NeuralScore(16, 8, bias_init=0.5)
+    torch.manual_seed(0)
+    paper = NeuralScore(16, 8)
+    *hidden, last = biased.linears()
+    assert all(torch.equal(layer.bias, torch.full_like(layer.bias, 0.5)) for layer in hidden)
+    assert torch.equal(last.bias, paper.linears()[-1].bias)  # the output bias and all weights stay the paper's
+    for a, b in zip(biased.linears(), paper.linears()):
+        assert torch.equal(a.weight, b.weight)
+
+
+def test_leaky_relu_score_is_the_written_out_mlp():
+    score = NeuralScore(16, 4, activation="leaky_relu")
+    q, k = torch.randn(5, 16), torch.randn(7, 16)
+    a, b = score.q_proj(q), score.k_proj(k)  # (L, P), (S, P)
+    x = torch.cat([a[:, None].expand(-1, 7, -1), b[None].expand(5, -1, -1)], -1)  # (L, S, 2P)
+    first, second, third = score.linears()
+    leaky = lambda t: torch.where(t > 0, t, 0.01 * t)  # noqa: E731
+    torch.testing.assert_close(score.logits(q, k), third(leaky(second(leaky(first(x))))).squeeze(-1))
+
+
+def test_residual_score_is_the_scaled_dot_product_plus_the_mlp():
+    score = NeuralScore(16, 4, residual=True)
+    q, k = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    dot = torch.einsum("ble,bse->bls", q, k) / 4.0  # sqrt(16)
+    torch.testing.assert_close(score.logits(q, k), dot)  # the MLP's last layer starts at zero
+    with torch.no_grad():
+        score.linears()[-1].weight.normal_()
+    mlp = NeuralScore(16, 4)
+    mlp.load_state_dict(score.state_dict())
+    torch.testing.assert_close(score.logits(q, k), mlp.logits(q, k) + dot)
+    A, Bk, rest, (q_dot, k_dot) = score.split(q, k, dot_term=True)
+    torch.testing.assert_close(q_dot @ k_dot.transpose(-2, -1), dot)
+    assert mlp.split(q, k, dot_term=True)[3] is None
+    with pytest.raises(ValueError, match="residual=True"):
+        score.split(q, k)
+
+
 def test_options_pass_through_models():
     lm = minina.TransformerLM(vocab_size=11, dim=32, depth=2, heads=2, max_seq_len=8, attention="neural",
                               score_options={"init": "kaiming", "learn_scale": True})
@@ -124,6 +171,8 @@ def test_reliable_options_are_a_studied_variant_and_build_a_score():
 def test_repr_names_the_options():
     assert "init" not in repr(NeuralScore(64)) and "learn_scale" not in repr(NeuralScore(64))
     assert "init='kaiming', learn_scale=True" in repr(NeuralScore(64, init="kaiming", learn_scale=True))
+    assert "bias_init=0.5, residual=True" in repr(NeuralScore(64, bias_init=0.5, residual=True))
+    assert "hidden=(2, 2)" in repr(NeuralScore(64, hidden="wide"))
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -136,6 +185,12 @@ def test_repr_names_the_options():
     ({"learn_scale": True, "scale_init": math.nan}, ValueError, "scale_init must be a positive finite number"),
     ({"learn_scale": True, "scale_init": True}, ValueError, "scale_init must be a positive finite number"),
     ({"learn_scale": True, "scale_init": "5"}, ValueError, "scale_init must be a positive finite number"),
+    ({"hidden": "narrow"}, ValueError, "hidden must be 'paper', 'wide' or a sequence"),
+    ({"activation": "tanh"}, ValueError, "activation must be one of"),
+    ({"bias_init": math.nan}, ValueError, "bias_init must be a finite number or None"),
+    ({"bias_init": True}, ValueError, "bias_init must be a finite number or None"),
+    ({"bias_init": "0.5"}, ValueError, "bias_init must be a finite number or None"),
+    ({"residual": 1}, TypeError, "residual must be a bool"),
 ])
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):

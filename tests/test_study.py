@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from minina.study import CURVE_EVERY, VARIANTS, format_table, plot_study, run_study, steps_to, summarize
+from minina.study import (CURVE_EVERY, DEFAULT_VARIANTS, VARIANTS, format_table, plot_study, run_study, steps_to,
+                          summarize, wilson_interval)
 from minina.tasks import TASKS, AttentionProbe, train_probe
 
 
@@ -76,6 +77,29 @@ def test_steps_to_and_summary():
     assert summary["t"]["dot"] == pytest.approx(0.3)
     assert summary["t"]["variants"]["a"]["stalls"] == 1 and summary["t"]["variants"]["b"]["stalls"] == 0
     assert summary["t"]["variants"]["dot"]["stalls"] is None and "worse than the median dot run" in format_table(summary)
+
+
+@pytest.mark.parametrize("successes, trials, expected", [  # Wilson (1927) 95% intervals, computed by hand
+    (2, 10, (0.0567, 0.5098)), (9, 10, (0.5958, 0.9821)), (0, 10, (0.0, 0.2775)), (10, 10, (0.7225, 1.0)),
+    (27, 30, (0.7438, 0.9654))])
+def test_wilson_interval(successes, trials, expected):
+    assert wilson_interval(successes, trials) == pytest.approx(expected, abs=1e-4)
+    low, high = wilson_interval(successes, trials)
+    assert low <= successes / trials <= high
+
+
+def test_wilson_interval_errors_and_summary_field():
+    for successes, trials in [(1, 0), (-1, 5), (6, 5)]:
+        with pytest.raises(ValueError, match="need 0 <= successes <= trials"):
+            wilson_interval(successes, trials)
+    rows = [{"task": "t", "variant": "a", "seed": s, "steps": CURVE_EVERY, "test_mse": e, "curve": "0.1"}
+            for s, e in enumerate([0.1, 0.1, 0.9])]
+    stats = summarize(rows)["t"]["variants"]["a"]
+    assert stats["interval"] == wilson_interval(2, 3) and "0.21-0.94" in format_table(summarize(rows))
+
+
+def test_default_variants_are_known_and_keep_the_baselines():
+    assert set(DEFAULT_VARIANTS) <= set(VARIANTS) and {"dot", "paper", "kaiming", "gelu"} <= set(DEFAULT_VARIANTS)
 
 
 def test_run_study_writes_resumes_and_plots(tmp_path):
