@@ -435,6 +435,9 @@ def _check_supported(q, v, score, attn_mask):
     if score.activation not in KERNEL_ACTIVATIONS:
         raise ValueError(f"backend='triton' implements the activations {KERNEL_ACTIVATIONS}, got "
                          f"score.activation={score.activation!r}; use backend='chunked'")
+    if score.residual:
+        raise ValueError("backend='triton' does not implement NeuralScore(residual=True) (the added q . k term); "
+                         "use backend='chunked'")
     hidden = score.hidden
     if len(hidden) != 2 or hidden[0] > MAX_HIDDEN[0] or hidden[1] > MAX_HIDDEN[1]:
         raise ValueError(f"backend='triton' supports score MLPs with two hidden layers (h1, h2), h1 <= "

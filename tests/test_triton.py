@@ -325,6 +325,16 @@ def test_an_activation_the_kernels_lack_is_refused(monkeypatch):
     assert resolve_backend("auto", q, q, score) == "chunked"
 
 
+def test_a_residual_score_is_refused():
+    """The kernels lack the residual q . k term: refused with a clear error, and "auto" falls back to chunked."""
+    score = NeuralScore(8, residual=True).to(DEVICE)
+    q = torch.randn(4, 8, device=DEVICE)
+    assert not supports(q, q, score)
+    with pytest.raises(ValueError, match=r"does not implement NeuralScore\(residual=True\)"):
+        triton_neural_attention(q, q, q, score)
+    assert resolve_backend("auto", q, q, score) == "chunked"
+
+
 def test_bfloat16_is_refused_below_compute_capability_8(monkeypatch):
     """A T4 (sm_75) cannot compile Triton's bf16: supports() says no, so "auto" never picks it there."""
     monkeypatch.setattr(triton_kernels, "_compute_capability", lambda device: (7, 5))
