@@ -2,10 +2,16 @@
 
 A notebook is named NN_name.ipynb, opens with a title, the Colab badge and a "What you will learn" paragraph, has
 a set-up cell that installs minina from the repository in pyproject's [project.urls] only on Colab, imports
-minina, asserts its claims, and is committed with the outputs of one clean top-to-bottom run.
+minina, asserts its claims, reads its base seed from MININA_SEED if it draws random numbers, leaves MININA_DATA
+as the user set it, and is committed with the outputs of one clean top-to-bottom run. Notebooks 00-04 also run
+here with triton unimportable (as on macOS, Windows, CPU-only wheels) and with another base seed.
 """
+import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +56,11 @@ def notebook_problems(path, repository=REPOSITORY):
         problems.append("no cell imports minina")
     if not any(re.search(r"^\s*assert ", source, re.M) for _, source in code):
         problems.append("no cell asserts a claim")
+    draws = any(re.search(r"manual_seed|torch\.(rand|randn|randint|randperm)\(", source) for _, source in code)
+    if draws and not any('os.environ.get("MININA_SEED"' in source for _, source in code):
+        problems.append('it draws random numbers but never reads its base seed, os.environ.get("MININA_SEED", ...)')
+    if any(re.search(r"os\.environ\[\"MININA_DATA\"\]\s*=", source) for _, source in code):
+        problems.append("a cell rewrites MININA_DATA (CI plumbing students should not read)")
     counts = [cell["execution_count"] for cell, _ in code]
     if counts != list(range(1, len(code) + 1)):
         problems.append(f"code cells were not executed once each, top to bottom: execution counts {counts}")
@@ -59,6 +70,58 @@ def notebook_problems(path, repository=REPOSITORY):
         if any(output["output_type"] == "error" for output in cell["outputs"]):
             problems.append(f"code cell {index} has an error output")
     return problems
+
+
+def run_notebooks(paths, tmp_path, block_triton=False, seed=None):
+    """Run the notebooks under nbval in a fresh pytest process; returns (exit code, output).
+
+    block_triton: a sitecustomize.py on PYTHONPATH marks triton as absent in every process, the kernel included
+    (sys.modules["triton"] = None makes `import triton` raise ImportError and find_spec return None).
+    """
+    env = dict(os.environ)
+    if block_triton:
+        shim = tmp_path / "no_triton"
+        shim.mkdir()
+        (shim / "sitecustomize.py").write_text('import sys\nsys.modules["triton"] = None  # as if not installed\n')
+        env["PYTHONPATH"] = os.pathsep.join([str(shim), *filter(None, [env.get("PYTHONPATH")])])
+    if seed is not None:
+        env["MININA_SEED"] = str(seed)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                             "--nbval-current-env", *map(str, paths)], cwd=ROOT, env=env, capture_output=True,
+                            text=True)
+    return result.returncode, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+def _probe_notebook(source):
+    cell = {"cell_type": "code", "source": source, "execution_count": None, "outputs": [], "metadata": {}}
+    return {"cells": [cell], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def test_triton_shim_blocks_triton_in_the_kernel(tmp_path):
+    # the check of the shim itself: inside the kernel, importing triton fails and minina still imports
+    source = ("import importlib.util\ntry:\n    import triton\nexcept ImportError:\n    blocked = True\nelse:\n"
+              "    blocked = False\nassert blocked and importlib.util.find_spec('triton') is None\n"
+              "import minina\ntry:\n    from minina import triton_kernels\nexcept ImportError:\n    pass\nelse:\n"
+              "    raise AssertionError('minina.triton_kernels imported without triton')")
+    path = tmp_path / "probe.ipynb"
+    path.write_text(json.dumps(_probe_notebook(source)), encoding="utf-8")
+    code, output = run_notebooks([path], tmp_path, block_triton=True)
+    assert code == 0, output
+    unblocked = tmp_path / "unblocked"
+    unblocked.mkdir()
+    code, output = run_notebooks([path], unblocked)  # without the shim the same check fails where triton exists
+    assert (code == 0) == (importlib.util.find_spec("triton") is None), output
+
+
+WITHOUT_TRITON = [path for path in NOTEBOOKS if path.name[:2] in {"00", "01", "02", "03", "04"}]
+
+
+@pytest.mark.parametrize("path", WITHOUT_TRITON, ids=[path.name for path in WITHOUT_TRITON])
+def test_notebook_runs_without_triton_and_with_another_base_seed(path, tmp_path):
+    # one run checks both, sparing CI a third run of each notebook: no triton, and base seed 1 instead of 0
+    # (nbval's own run of notebooks/ covers seed 0 with triton); 03's assertions are the seed-sensitive ones
+    code, output = run_notebooks([path], tmp_path, block_triton=True, seed=1)
+    assert code == 0, output
 
 
 def readme_notebooks_section():
@@ -117,6 +180,10 @@ def _broken(notebook, what):
         cells[1]["execution_count"], cells[2]["execution_count"] = 2, 1
     elif what == "outputs":
         cells[2]["outputs"] = []
+    elif what == "seed":
+        cells[2]["source"] += "\nimport torch\ntorch.manual_seed(0)"
+    elif what == "data":
+        cells[2]["source"] += '\nimport os\nos.environ["MININA_DATA"] = "../data"'
     elif what == "error":
         cells[2]["outputs"].append({"output_type": "error", "ename": "AssertionError", "evalue": "",
                                     "traceback": []})
@@ -132,7 +199,8 @@ def test_checker_accepts_a_good_notebook(tmp_path):
 @pytest.mark.parametrize("what, message", [
     ("title", "Markdown title"), ("badge", "Colab badge"), ("learn", "What you will learn"),
     ("set-up", "set-up cell"), ("import", "imports minina"), ("assert", "asserts a claim"),
-    ("execution", "top to bottom"), ("outputs", "without outputs"), ("error", "error output")])
+    ("execution", "top to bottom"), ("outputs", "without outputs"), ("error", "error output"),
+    ("seed", "MININA_SEED"), ("data", "rewrites MININA_DATA")])
 def test_checker_reports_each_broken_rule(tmp_path, what, message):
     path = tmp_path / "07_good.ipynb"
     path.write_text(json.dumps(_broken(_good_notebook(), what)), encoding="utf-8")
