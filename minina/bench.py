@@ -298,7 +298,8 @@ def run_triton_tests(out):
     if not TRITON_TESTS.exists():
         raise SystemExit(f"--check runs {TRITON_TESTS}, which is missing: run it from a source checkout of minina")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}  # compile, not interpret
-    result = subprocess.run([sys.executable, "-m", "pytest", str(TRITON_TESTS), "-q", "-p", "no:cacheprovider"],
+    result = subprocess.run([sys.executable, "-m", "pytest", str(TRITON_TESTS), "-q", "-o", "addopts=",  # one process
+                             "-p", "no:cacheprovider"],
                             capture_output=True, text=True, env=env, cwd=TRITON_TESTS.parents[1])
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "check.txt").write_text(result.stdout + result.stderr)

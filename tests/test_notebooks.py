@@ -86,7 +86,7 @@ def run_notebooks(paths, tmp_path, block_triton=False, seed=None):
         env["PYTHONPATH"] = os.pathsep.join([str(shim), *filter(None, [env.get("PYTHONPATH")])])
     if seed is not None:
         env["MININA_SEED"] = str(seed)
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "--nbval-lax",
                              "--nbval-current-env", *map(str, paths)], cwd=ROOT, env=env, capture_output=True,
                             text=True)
     return result.returncode, result.stdout[-5000:] + result.stderr[-2000:]
