@@ -274,6 +274,20 @@ def _reference_with_logsumexp(q, k, v, score, is_causal):
     return reference_neural_attention(q, k, v, score, is_causal=is_causal), torch.logsumexp(logits, dim=-1)
 
 
+def _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok, rescale_hint):
+    """Check an (out, logsumexp) pair; a mismatch after a one-block case passed points at the missing rescale."""
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        raise CheckFailed(f"{case}: return the pair (out, logsumexp), got {type(got).__name__}")
+    try:
+        compare(case, got[0], expected_out, "out")
+        compare(case, got[1], expected_lse, "logsumexp")
+    except CheckFailed as failure:
+        if single_block_ok:
+            raise CheckFailed(f"{failure}. It matched with one key block: when the running maximum changes, "
+                              f"{rescale_hint}") from None
+        raise
+
+
 @exercise("A4.online_attention", ["online_attention"])
 def _check_online_attention(online_attention, generator):
     plain_logits = NeuralScore.logits
@@ -294,19 +308,11 @@ def _check_online_attention(online_attention, generator):
             widest.clear()
             with torch.no_grad():
                 got = call(case, online_attention, q, k, v, score, block_size, is_causal=causal)
-            if not isinstance(got, (tuple, list)) or len(got) != 2:
-                raise CheckFailed(f"{case}: return the pair (out, logsumexp), got {type(got).__name__}")
             if widest and max(widest) > block_size:
                 raise CheckFailed(f"{case}: score.logits was called on {max(widest)} keys at once; score one key "
                                   f"block of at most block_size keys at a time")
-            try:
-                compare(case, got[0], expected_out, "out")
-                compare(case, got[1], expected_lse, "logsumexp")
-            except CheckFailed as failure:
-                if single_block_ok:
-                    raise CheckFailed(f"{failure}. It matched with one key block: when the running maximum "
-                                      f"changes, rescale the running sum and the accumulator by exp(m_old - m_new)")
-                raise
+            _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok,
+                                       "rescale the running sum and the accumulator by exp(m_old - m_new)")
             single_block_ok = True
 
 
@@ -506,14 +512,6 @@ def _check_triton_attention(triton_attention, generator):
         case = f"q {(B, H, L, E)}, k {(B, H, S, E)}, float32, BLOCK_N {block_n} ({blocks} key block" + (
             "s)" if blocks > 1 else ")")
         got = call(case, triton_attention, q, k, v, block_n)
-        if not isinstance(got, (tuple, list)) or len(got) != 2:
-            raise CheckFailed(f"{case}: return the pair (out, logsumexp), got {type(got).__name__}")
-        try:
-            compare(case, got[0], expected_out, "out")
-            compare(case, got[1], expected_lse, "logsumexp")
-        except CheckFailed as failure:
-            if single_block_ok:
-                raise CheckFailed(f"{failure}. It matched with one key block: rescale l_i and acc by "
-                                  f"exp(m_i - m_new) when the running maximum changes") from None
-            raise
+        _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok,
+                                   "rescale l_i and acc by exp(m_i - m_new)")
         single_block_ok = True
