@@ -2,7 +2,8 @@
 
 Method. Every (backend, pass, N) case runs in a fresh Python process, so no case inherits another's allocations.
 Inside it: build q, k, v (B, H, N, E) with requires_grad, the NeuralScore and a fixed output gradient; run the
-backend once at N=16 so one-time library set-up is not counted (triton also once at N: it autotunes per shape);
+backend once at N=16 so one-time library set-up is not counted (triton and compiled also once at N: triton
+autotunes per shape, compiled compiles per block size);
 reset the peak counter; run the pass once; peak extra memory = peak - memory in use at the reset. A "fwd+bwd" pass
 is forward then backward, and its peak includes the output and the input gradients; a "fwd" pass is the forward
 alone under torch.no_grad (inference).
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from .attention import neural_attention
 from .scores import NeuralScore
 
-HELP = "time and peak memory of reference, chunked (and triton on GPU) neural attention against SDPA"
+HELP = "time and peak memory of reference, chunked, compiled (and triton on GPU) neural attention against SDPA"
 
 
 def _sdpa(q, k, v, score, is_causal):
@@ -52,13 +53,14 @@ BACKENDS = {
     "sdpa": (_sdpa, ("cpu", "cuda")),
     "reference": (functools.partial(_neural, backend="reference"), ("cpu", "cuda")),
     "chunked": (functools.partial(_neural, backend="chunked"), ("cpu", "cuda")),
+    "compiled": (functools.partial(_neural, backend="compiled"), ("cpu",)),
     "triton": (functools.partial(_neural, backend="triton"), ("cuda",)),
 }
 DEFAULT_MAX_N = {"reference": 2048}  # its (B, H, N, N, 2P) pair tensor takes ~6 GB at N=4096 with our defaults
 MIB = 2 ** 20
 TIME_BUDGET_S = 2.0  # no further timed runs once a case has run this long
 PASSES = ("fwd", "fwd+bwd")
-TUNED_PER_SHAPE = ("triton",)  # backends whose first call at a new N autotunes: warmed up at N too
+TUNED_PER_SHAPE = ("triton", "compiled")  # first call at a new N autotunes (triton) or compiles: warmed up at N too
 CHECK_NS = (1024, 2048, 4096, 8192, 16384)
 CHECK_BACKENDS = ("sdpa", "triton", "chunked")
 TRITON_TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_triton.py"
