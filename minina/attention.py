@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import chunked_neural_attention
-from .compiled import CompileError, compiled_neural_attention, fallback_warning, pays_off, record_failure, \
-    unavailable_reason
+from .compiled import (CompileError, compiled_neural_attention, fallback_warning, pays_off, record_failure,
+                       unavailable_reason)
 from .masks import attention_bias, masked_softmax
 from .scores import NeuralScore
 

@@ -2,8 +2,8 @@
 
 Method. Every (backend, pass, N) case runs in a fresh Python process, so no case inherits another's allocations.
 Inside it: build q, k, v (B, H, N, E) with requires_grad, the NeuralScore and a fixed output gradient; run the
-backend once at N=16 so one-time library set-up is not counted (triton and compiled also once at N: triton
-autotunes per shape, compiled compiles per block size);
+backend once at N=16 so one-time library set-up is not counted (compiled at min(N, 256), which compiles the
+block size N uses; triton also once at N: it autotunes per shape);
 reset the peak counter; run the pass once; peak extra memory = peak - memory in use at the reset. A "fwd+bwd" pass
 is forward then backward, and its peak includes the output and the input gradients; a "fwd" pass is the forward
 alone under torch.no_grad (inference).
@@ -60,7 +60,8 @@ DEFAULT_MAX_N = {"reference": 2048}  # its (B, H, N, N, 2P) pair tensor takes ~6
 MIB = 2 ** 20
 TIME_BUDGET_S = 2.0  # no further timed runs once a case has run this long
 PASSES = ("fwd", "fwd+bwd")
-TUNED_PER_SHAPE = ("triton", "compiled")  # first call at a new N autotunes (triton) or compiles: warmed up at N too
+TUNED_PER_SHAPE = ("triton",)  # backends whose first call at a new N autotunes: warmed up at N too
+WARM_UP_N = {"compiled": 256}  # compiles per block size, the same for every N >= 256: warmed up at min(N, 256)
 CHECK_NS = (1024, 2048, 4096, 8192, 16384)
 CHECK_BACKENDS = ("sdpa", "triton", "chunked")
 TRITON_TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_triton.py"
@@ -127,7 +128,7 @@ def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_di
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    run(*inputs(16))  # library set-up (thread pools, kernels) is not part of the measurement
+    run(*inputs(min(n, WARM_UP_N[backend]) if backend in WARM_UP_N else 16))  # library set-up, compiling: not measured
     tensors = inputs(n)
     if backend in TUNED_PER_SHAPE:
         run(*tensors)  # nor is autotuning for this shape

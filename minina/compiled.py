@@ -126,7 +126,7 @@ def _forward_tile(A, Bk, v, weights, offsets, mask, q_dot, k_dot, row_max, row_s
 
 
 def _mlp_backward(grad_logits, pre_activations, weights, widths, activation):
-    """Back through the unrolled MLP: dS (..., bl, bs) -> (flat weight gradients, dA (h1, ..., bl), dBk (h1, ..., bs))."""
+    """Back through the unrolled MLP: dS (..., bl, bs) -> flat weight gradients, dA (h1, ..., bl), dBk (h1, ..., bs)."""
     _, act, act_grad = ACTIVATIONS[activation]
     grads, pieces, end = [grad_logits], [], weights.shape[0]
     for fan_in, fan_out, pre in reversed(list(zip(widths[:-1], widths[1:], pre_activations))):
@@ -202,58 +202,43 @@ def record_failure(reason):
     fallback_warning(reason)
 
 
-def _pad(x, dim, size, value, dtype):
-    """x padded with value along dim to length size, as dtype."""
-    padded = x.new_full((*x.shape[:dim], size, *x.shape[dim % x.dim() + 1:]), value, dtype=dtype)
-    padded.narrow(dim, 0, x.shape[dim]).copy_(x)
-    return padded
+def _part(x, blocks):
+    """The part of x under one tile, a view: blocks maps dims to (index, block size); the last is shorter."""
+    for dim, (index, block) in blocks.items():
+        x = x.narrow(dim, index * block, min(block, x.shape[dim] - index * block))
+    return x
 
 
-def _blocks(x, dim, block, dtype, value=0.0):
-    """x padded along dim to whole blocks and cut: (..., n, ...) -> (nb, ..., block, ...), contiguous."""
-    dim = dim % x.dim()
-    count = -(-x.shape[dim] // block)
-    return _pad(x, dim, count * block, value, dtype).unflatten(dim, (count, block)).movedim(dim, 0).contiguous()
+def _crop(tile, part):
+    """tile without its padding: the corner of the shape of part."""
+    return tile[tuple(slice(0, n) for n in part.shape)]
 
 
-def _unblock(blocks, dim, length):
-    """The inverse of _blocks: (nb, ..., block, ...) -> (..., length, ...), dim counted in the result."""
-    dim = dim % (blocks.dim() - 1)
-    return blocks.movedim(0, dim).flatten(dim, dim + 1).narrow(dim, 0, length)
-
-
-def _mask_blocks(mask, block_l, block_s, dtype):
-    """A (..., L|1, S|1) mask cut into tiles (nbl|1, nbs|1, ..., bl|1, bs|1); size-1 dims stay size 1."""
-    rows = _blocks(mask, -2, block_l, dtype) if mask.shape[-2] > 1 else mask.unsqueeze(0)  # (nbl|1, ..., bl|1, S|1)
-    tiles = _blocks(rows, -1, block_s, dtype) if mask.shape[-1] > 1 else rows.unsqueeze(0)  # (nbs|1, nbl|1, ...)
-    return tiles.transpose(0, 1).to(dtype).contiguous()  # (nbl|1, nbs|1, ..., bl|1, bs|1)
-
-
-def _mask_unblock(tiles, shape):
-    """The inverse of _mask_blocks, back to the mask's shape."""
-    rows = _unblock(tiles.transpose(0, 1), -1, shape[-1]) if shape[-1] > 1 else tiles[:, 0]  # (nbl|1, ..., S|1)
-    return _unblock(rows, -2, shape[-2]) if shape[-2] > 1 else rows[0]
+def _tile(x, blocks, value=0.0):
+    """One tile of x: a new contiguous tensor of the full block sizes, padded with value past x's end, so that
+    every tile has the same shape and strides (one compiled graph)."""
+    part = _part(x, blocks)
+    tile = x.new_full([blocks[d][1] if d in blocks else n for d, n in zip(range(-x.dim(), 0), x.shape)], value)
+    _crop(tile, part).copy_(part)
+    return tile
 
 
 class _Tiles:
-    """The inputs of CompiledNeuralAttention cut into padded contiguous blocks, and the arguments of tile (i, j)."""
+    """The inputs of CompiledNeuralAttention in the compute dtype, and the arguments of tile (i, j)."""
 
     def __init__(self, A, Bk, v, q_dot, k_dot, attn_mask, rest_params, is_causal, block_l, block_s):
         compute = torch.promote_types(v.dtype, torch.float32)  # fp32 accumulation for half and bfloat16
         self.L, self.S, self.is_causal, self.block_l, self.block_s = A.shape[-2], Bk.shape[-2], is_causal, block_l, \
             block_s
-        self.A = _blocks(A.movedim(-1, 0), -1, block_l, compute)  # (nbl, h1, ..., bl)
-        self.Bk = _blocks(Bk.movedim(-1, 0), -1, block_s, compute)  # (nbs, h1, ..., bs)
-        self.v = _blocks(v, -2, block_s, compute)  # (nbs, ..., bs, Ev)
-        self.q_dot = None if q_dot is None else _blocks(q_dot, -2, block_l, compute)  # (nbl, ..., bl, E)
-        self.k_dot = None if k_dot is None else _blocks(k_dot, -2, block_s, compute)  # (nbs, ..., bs, E)
-        mask_dtype = None if attn_mask is None or attn_mask.dtype == torch.bool else compute
-        self.mask = None if attn_mask is None else _mask_blocks(attn_mask, block_l, block_s, mask_dtype or torch.bool)
+        self.A, self.Bk = A.movedim(-1, 0).to(compute), Bk.movedim(-1, 0).to(compute)  # (h1, ..., L), (h1, ..., S)
+        self.v = v.to(compute)  # (..., S, Ev)
+        self.q_dot, self.k_dot = (None, None) if q_dot is None else (q_dot.to(compute), k_dot.to(compute))
+        self.mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(compute)
         self.weights = torch.cat([p.reshape(-1) for p in rest_params]).to(compute)  # W2, b2, ..., Wn, bn
         self.widths = (rest_params[0].shape[1], *[w.shape[0] for w in rest_params[::2]])  # (h1, h2, ..., 1)
-        starts = [torch.arange(len(blocks), device=v.device) * size for blocks, size in ((self.A, block_l),
-                                                                                         (self.Bk, block_s))]
-        rows, cols = torch.meshgrid(*starts, indexing="ij")  # (nbl, nbs) each
+        self.count_l, count_s = -(-self.L // block_l), -(-self.S // block_s)
+        rows, cols = torch.meshgrid(torch.arange(self.count_l, device=v.device) * block_l,
+                                    torch.arange(count_s, device=v.device) * block_s, indexing="ij")  # (nbl, nbs)
         self.offsets = torch.stack([rows, cols, torch.full_like(rows, self.S), torch.full_like(rows, is_causal)],
                                    -1)  # (nbl, nbs, 4): first query row, first key, S, is_causal
 
@@ -262,17 +247,30 @@ class _Tiles:
         stop = min(self.S, (i + 1) * self.block_l) if self.is_causal else self.S
         return range(-(-stop // self.block_s))
 
+    def rows(self, i):
+        return (i, self.block_l)
+
+    def cols(self, j):
+        return (j, self.block_s)
+
+    def mask_blocks(self, i, j):
+        """The blocks of the mask's last two dims for tile (i, j); a size-1 dim (broadcast) is not cut."""
+        return {dim: block for dim, block in ((-2, self.rows(i)), (-1, self.cols(j))) if self.mask.shape[dim] > 1}
+
     def args(self, i, j):
-        mask = None if self.mask is None else self.mask[min(i, len(self.mask) - 1), min(j, self.mask.shape[1] - 1)]
-        return (self.A[i], self.Bk[j], self.v[j], self.weights, self.offsets[i, j], mask,
-                None if self.q_dot is None else self.q_dot[i], None if self.k_dot is None else self.k_dot[j])
+        """A (h1, ..., bl), Bk (h1, ..., bs), v (..., bs, Ev), weights, offsets (4,), the mask tile or None, and the
+        residual's q_dot (..., bl, E), k_dot (..., bs, E) or None."""
+        rows, cols = {-2: self.rows(i)}, {-2: self.cols(j)}
+        mask = None if self.mask is None else _tile(self.mask, self.mask_blocks(i, j))  # (..., bl|1, bs|1)
+        return (_tile(self.A, {-1: self.rows(i)}), _tile(self.Bk, {-1: self.cols(j)}), _tile(self.v, cols),
+                self.weights, self.offsets[i, j], mask,
+                None if self.q_dot is None else _tile(self.q_dot, rows),
+                None if self.k_dot is None else _tile(self.k_dot, cols))
 
     def config(self, kind, *options):
-        """What the compiled tile specializes on: every block's shape and dtype, and the options."""
-        tensors = (self.A, self.Bk, self.v, self.q_dot, self.k_dot)
-        mask = None if self.mask is None else (self.mask.shape[2:], self.mask.dtype)
-        return (kind, *[None if t is None else (t.shape[1:], t.dtype, t.device) for t in tensors], mask,
-                self.widths, *options)
+        """What the compiled tile specializes on: the shapes and dtypes of the tiles, and the options."""
+        return (kind, *[None if t is None else (t.shape, t.dtype, t.device) for t in self.args(0, 0)], self.widths,
+                *options)
 
 
 class CompiledNeuralAttention(torch.autograd.Function):
@@ -281,22 +279,22 @@ class CompiledNeuralAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, Bk, v, q_dot, k_dot, attn_mask, is_causal, activation, block_l, block_s, *rest_params):
         tiles = _Tiles(A, Bk, v, q_dot, k_dot, attn_mask, rest_params, is_causal, block_l, block_s)
-        batch, compute = v.shape[:-2], tiles.v.dtype
-        out = torch.zeros(len(tiles.A), *batch, block_l, v.shape[-1], dtype=compute, device=v.device)  # (nbl, ..., bl, Ev)
-        logsumexp = torch.full(out.shape[:-1], -math.inf, dtype=compute, device=v.device)  # (nbl, ..., bl)
+        out = torch.zeros(*v.shape[:-2], tiles.L, v.shape[-1], dtype=tiles.v.dtype, device=v.device)  # (..., L, Ev)
+        logsumexp = torch.zeros(out.shape[:-1], dtype=out.dtype, device=v.device)  # (..., L)
         forward_tile = _compiled("forward")
         with _compiling(tiles.config("forward", activation)):
-            for i in range(len(tiles.A)):
-                row_max = torch.full(out.shape[1:-1], -math.inf, dtype=compute, device=v.device)  # m_i (..., bl)
-                row_sum = torch.zeros_like(row_max)  # l_i
-                acc = torch.zeros_like(out[i])  # (..., bl, Ev)
+            for i in range(tiles.count_l):
+                row_max = torch.full((*v.shape[:-2], block_l), -math.inf, dtype=out.dtype, device=v.device)  # m_i
+                row_sum = torch.zeros_like(row_max)  # l_i  (..., bl)
+                acc = torch.zeros(*row_max.shape, v.shape[-1], dtype=out.dtype, device=v.device)  # (..., bl, Ev)
                 for j in tiles.key_blocks(i):
                     row_max, row_sum, acc = forward_tile(*tiles.args(i, j), row_max, row_sum, acc, widths=tiles.widths,
                                                          activation=activation)
                 has_keys = row_sum > 0  # a row with every key masked outputs zeros
-                out[i] = acc / torch.where(has_keys, row_sum, 1.0).unsqueeze(-1)
-                logsumexp[i] = torch.where(has_keys, row_max + torch.log(row_sum), -math.inf)
-        out, logsumexp = _unblock(out, -2, tiles.L), _unblock(logsumexp, -1, tiles.L)  # (..., L, Ev), (..., L)
+                part = _part(out, {-2: tiles.rows(i)})  # (..., <= bl, Ev)
+                part.copy_(_crop(acc / torch.where(has_keys, row_sum, 1.0).unsqueeze(-1), part))
+                part = _part(logsumexp, {-1: tiles.rows(i)})
+                part.copy_(_crop(torch.where(has_keys, row_max + torch.log(row_sum), -math.inf), part))
         ctx.save_for_backward(A, Bk, v, q_dot, k_dot, out, logsumexp, attn_mask, *rest_params)
         ctx.is_causal, ctx.activation, ctx.block_l, ctx.block_s = is_causal, activation, block_l, block_s
         return out.to(v.dtype)
@@ -306,47 +304,39 @@ class CompiledNeuralAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         A, Bk, v, q_dot, k_dot, out, logsumexp, attn_mask, *rest_params = ctx.saved_tensors
         tiles = _Tiles(A, Bk, v, q_dot, k_dot, attn_mask, rest_params, ctx.is_causal, ctx.block_l, ctx.block_s)
-        delta = _blocks((grad_out.to(out.dtype) * out).sum(dim=-1), -1, ctx.block_l, out.dtype)  # D_i = dO_i . O_i
+        grad_out = grad_out.to(out.dtype)  # (..., L, Ev)
+        delta = (grad_out * out).sum(dim=-1)  # D_i = dO_i . O_i  (..., L)
         safe_lse = torch.where(torch.isfinite(logsumexp), logsumexp, math.inf)  # rows with no key: P = 0
-        safe_lse = _blocks(safe_lse, -1, ctx.block_l, out.dtype, value=math.inf)  # (nbl, ..., bl); padding: P = 0
-        grad_out = _blocks(grad_out, -2, ctx.block_l, out.dtype)  # (nbl, ..., bl, Ev); padded rows 0
         mask_grad = attn_mask is not None and ctx.needs_input_grad[5]
-        grads = [torch.zeros_like(t) for t in (tiles.A, tiles.Bk, tiles.v, tiles.weights)]
-        grad_mask = torch.zeros_like(tiles.mask) if mask_grad else None
-        grad_dot = None if q_dot is None else (torch.zeros_like(tiles.q_dot), torch.zeros_like(tiles.k_dot))
+        grads = [None if t is None else torch.zeros(t.shape, dtype=out.dtype, device=v.device) for t in (
+            tiles.A, tiles.Bk, tiles.v, tiles.weights, attn_mask if mask_grad else None, q_dot, k_dot)]
         backward_tile = _compiled("backward")
         with _compiling(tiles.config("backward", ctx.activation, mask_grad)):
-            for i in range(len(tiles.A)):
+            for i in range(tiles.count_l):
+                rows = tiles.rows(i)
+                row_tiles = (_tile(grad_out, {-2: rows}), _tile(delta, {-1: rows}),
+                             _tile(safe_lse, {-1: rows}, math.inf))  # padded rows: dO = 0, D = 0, P = 0
                 for j in tiles.key_blocks(i):
-                    grad_A, grad_Bk, grad_v, grad_weights, grad_mask_tile, grad_q, grad_k = backward_tile(
-                        *tiles.args(i, j), grad_out[i], delta[i], safe_lse[i], widths=tiles.widths,
-                        activation=ctx.activation, mask_grad=mask_grad)
-                    grads[0][i] += grad_A
-                    grads[1][j] += grad_Bk
-                    grads[2][j] += grad_v
-                    grads[3] += grad_weights
-                    if mask_grad:
-                        grad_mask[min(i, len(grad_mask) - 1), min(j, grad_mask.shape[1] - 1)] += grad_mask_tile
-                    if grad_dot is not None:
-                        grad_dot[0][i] += grad_q
-                        grad_dot[1][j] += grad_k
-        return _input_grads(ctx, tiles, grads, grad_mask, grad_dot)
+                    tile_grads = backward_tile(*tiles.args(i, j), *row_tiles, widths=tiles.widths,
+                                               activation=ctx.activation, mask_grad=mask_grad)
+                    cols = tiles.cols(j)
+                    blocks = ({-1: rows}, {-1: cols}, {-2: cols}, {}, mask_grad and tiles.mask_blocks(i, j),
+                              {-2: rows}, {-2: cols})  # where each tile gradient adds to
+                    for grad, tile_grad, block in zip(grads, tile_grads, blocks):
+                        if grad is not None:
+                            part = _part(grad, block)
+                            part += _crop(tile_grad, part)
+        return _input_grads(ctx, *grads)
 
 
-def _input_grads(ctx, tiles, grads, grad_mask, grad_dot):
-    """The blocked gradients back in the shapes and dtypes of CompiledNeuralAttention.forward's inputs."""
+def _input_grads(ctx, grad_A, grad_Bk, grad_v, grad_weights, grad_mask, grad_q, grad_k):
+    """The gradients in the shapes and dtypes of CompiledNeuralAttention.forward's inputs."""
     A, Bk, v, q_dot, k_dot, _, _, attn_mask, *rest_params = ctx.saved_tensors
-    grad_A = _unblock(grads[0], -1, tiles.L).movedim(0, -1).to(A.dtype)  # (..., L, h1)
-    grad_Bk = _unblock(grads[1], -1, tiles.S).movedim(0, -1).to(Bk.dtype)  # (..., S, h1)
-    grad_v = _unblock(grads[2], -2, tiles.S).to(v.dtype)  # (..., S, Ev)
-    grad_rest = [g.view_as(p).to(p.dtype) for g, p in zip(grads[3].split([p.numel() for p in rest_params]),
+    grad_rest = [g.view_as(p).to(p.dtype) for g, p in zip(grad_weights.split([p.numel() for p in rest_params]),
                                                             rest_params)]
-    grad_mask = None if grad_mask is None else _mask_unblock(grad_mask, attn_mask.shape).to(attn_mask.dtype)
-    grad_q = grad_k = None
-    if grad_dot is not None:
-        grad_q, grad_k = (_unblock(g, -2, n).to(t.dtype) for g, n, t in ((grad_dot[0], tiles.L, q_dot),
-                                                                         (grad_dot[1], tiles.S, k_dot)))
-    return grad_A, grad_Bk, grad_v, grad_q, grad_k, grad_mask, None, None, None, None, *grad_rest
+    return (grad_A.movedim(0, -1).to(A.dtype), grad_Bk.movedim(0, -1).to(Bk.dtype), grad_v.to(v.dtype),
+            None if grad_q is None else grad_q.to(q_dot.dtype), None if grad_k is None else grad_k.to(k_dot.dtype),
+            None if grad_mask is None else grad_mask.to(attn_mask.dtype), None, None, None, None, *grad_rest)
 
 
 def compiled_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, block_l=None, block_s=None):
