@@ -8,10 +8,11 @@ is forward then backward, and its peak includes the output and the input gradien
 alone under torch.no_grad (inference).
 - CUDA: torch.cuda.reset_peak_memory_stats and max_memory_allocated - memory_allocated (exact tensor bytes).
 - CPU: PyTorch's CPU allocator keeps no peak counter and tracemalloc does not see its allocations, so we read
-  the process's resident set: writing "5" to /proc/self/clear_refs resets the kernel's high-water mark VmHWM to
-  the current VmRSS (Linux >= 4.0), and peak = VmHWM. Pages the C allocator keeps after a free are counted, so
-  this can overstate live bytes slightly, never understate them. Without /proc (macOS) the fallback is the
-  ru_maxrss delta, which reads 0 when the run stays below an earlier peak of the process.
+  the process's resident set. On Linux the kernel keeps its high-water mark: writing "5" to /proc/self/clear_refs
+  resets VmHWM to the current VmRSS (Linux >= 4.0), and peak = VmHWM, exact. Pages the C allocator keeps after a
+  free are counted, so this can overstate live bytes slightly, never understate them. Elsewhere (macOS, Windows)
+  a thread reads the resident set through psutil every SAMPLE_INTERVAL_S during the run and keeps the largest,
+  which can miss a peak shorter than the interval.
 Time: the median wall-clock time of up to `repeats` further runs of the pass, fewer once the case has run
 TIME_BUDGET_S (synchronized on CUDA); the measured run's time if there are none.
 
@@ -23,10 +24,10 @@ import csv
 import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,39 +62,52 @@ PASSES = ("fwd", "fwd+bwd")
 TUNED_PER_SHAPE = ("triton",)  # backends whose first call at a new N autotunes: warmed up at N too
 CHECK_NS = (1024, 2048, 4096, 8192, 16384)
 CHECK_BACKENDS = ("sdpa", "triton", "chunked")
+PROC_SELF = Path("/proc/self")  # Linux: the kernel's own peak of the resident set
+SAMPLE_INTERVAL_S = 0.001  # elsewhere: how often the resident set is read
 TRITON_TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_triton.py"
 
 
+class _PeakMemory:
+    """Peak memory of one run on device: start() resets the counter and returns the bytes in use, stop() the peak
+    since (see the module docstring for the method on each device and OS)."""
+
+    def __init__(self, device):
+        self.device, self.process, self.sampler, self.done, self.peak = device, None, None, threading.Event(), 0
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        try:
+            (PROC_SELF / "clear_refs").write_text("5")  # VmHWM := VmRSS
+            return _read_proc_status("VmRSS")
+        except OSError:  # no /proc: sample the resident set instead
+            import psutil  # only this fallback (macOS, Windows) needs it
+
+            self.process = psutil.Process()
+            self.peak = in_use = self.process.memory_info().rss
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
+            return in_use
+
+    def _sample(self):
+        while not self.done.wait(SAMPLE_INTERVAL_S):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def stop(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.sampler is None:
+            return _read_proc_status("VmHWM")
+        self.done.set()
+        self.sampler.join()
+        return max(self.peak, self.process.memory_info().rss)
+
+
 def _read_proc_status(field):
-    with open("/proc/self/status") as status:
+    with open(PROC_SELF / "status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
-
-
-def _reset_peak(device):
-    """Reset the peak-memory counter of device; returns the bytes in use now."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # VmHWM := VmRSS
-        return _read_proc_status("VmRSS")
-    except OSError:
-        return _max_rss()
-
-
-def _read_peak(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        return _read_proc_status("VmHWM")
-    except OSError:
-        return _max_rss()
-
-
-def _max_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_dim=64, proj_dim=2, causal=True,
@@ -129,11 +143,12 @@ def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_di
     tensors = inputs(n)
     if backend in TUNED_PER_SHAPE:
         run(*tensors)  # nor is autotuning for this shape
-    in_use = _reset_peak(device)
+    memory = _PeakMemory(device)
+    in_use = memory.start()
     start = time.perf_counter()
     run(*tensors)
     times = [time.perf_counter() - start]
-    peak = _read_peak(device) - in_use
+    peak = memory.stop() - in_use
     for _ in range(repeats):
         if sum(times) > TIME_BUDGET_S:
             break

@@ -1,5 +1,6 @@
 """The benchmark: its memory method sees torch's CPU allocations, its rows and ratios, its CLI and its errors."""
 import csv
+import json
 import subprocess
 import sys
 
@@ -17,6 +18,19 @@ def test_peak_memory_sees_the_reference_pair_tensor():
     assert reference["peak_mib"] >= pair_tensor_mib
     assert chunked["peak_mib"] < reference["peak_mib"] / 2
     assert reference["time_s"] > 0 and chunked["time_s"] > 0
+
+
+def test_peak_memory_without_proc_is_sampled_through_psutil():
+    """Without Linux's /proc (macOS, Windows) the resident set is sampled through psutil: it still sees the pair
+    tensor, in a fresh process as the benchmark runs every case."""
+    case = dict(backend="reference", n=512, heads=2, head_dim=64, proj_dim=2, causal=False, repeats=0, threads=1)
+    code = ("import json, sys; from pathlib import Path; from minina import bench\n"
+            "bench.PROC_SELF = Path('/nonexistent')  # as on macOS and Windows\n"
+            "print(json.dumps(bench.measure(**json.loads(sys.argv[1]))))")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(case)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["peak_mib"] >= 2 * 512 * 512 * (2 * 2) * 4 / 2 ** 20  # (B, H, N, N, 2P) float32
 
 
 def test_forward_pass_keeps_no_activations():
