@@ -1,4 +1,5 @@
 """The README's quick start and the command line, run as a user would."""
+import argparse
 import csv
 import os
 import re
@@ -6,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from minina.__main__ import COMMANDS
+import pytest
+import torch
+
+from minina import train
+from minina.__main__ import COMMANDS, main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -59,3 +64,61 @@ def test_cli_runs_without_unix_only_modules(tmp_path):
     with open(tmp_path / "bench.csv") as file:
         rows = list(csv.DictReader(file))
     assert [row["backend"] for row in rows] == ["sdpa", "chunked"] and all(float(row["peak_mib"]) >= 0 for row in rows)
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["train", "--device", "cuda"], "device 'cuda' needs a CUDA GPU, but torch.cuda.is_available() is "
+                 "False", marks=NO_GPU),
+    pytest.param(["bench", "--device", "cuda"], "--device cuda needs a CUDA GPU, but torch.cuda.is_available() is "
+                 "False", marks=NO_GPU),
+    (["train", "--score-options", '{"inti": "kaiming"}'], "score_options has unknown key(s) ['inti']: NeuralScore "
+     "takes ['hidden', 'activation', 'init'"),
+    (["train", "--score-options", '{"init": "kaimin"}'], "init must be one of ('paper', 'kaiming'), got 'kaimin'"),
+    (["train", "--score-options", "{init: kaiming}"], "argument --score-options: expected a JSON object such as "
+     '{"hidden": "wide", "activation": "gelu"} (names and strings in double quotes), got \'{init: kaiming}\''),
+    (["train", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["demo", "--seeds", "0"], "argument --seeds: must be a whole number of at least 1, got '0'"),
+    (["demo", "--steps", "-1"], "argument --steps: must be a whole number of at least 1, got '-1'"),
+    (["bench", "--threads", "0"], "--threads must be at least 1, got 0"),
+])
+def test_each_mistake_is_one_line_and_exit_code_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as end:
+        main(argv)
+    err = capsys.readouterr().err
+    assert end.value.code == 2
+    assert err.count("\n") == 1 and err.startswith(f"python -m minina {argv[0]}: error: ") and message in err, err
+
+
+@NO_GPU
+def test_train_on_a_missing_gpu_as_a_user_runs_it():
+    result = subprocess.run([sys.executable, "-m", "minina", "train", "--device", "cuda"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "use --device cpu" in result.stderr, \
+        result.stderr
+
+
+def parse_train(argv):
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_vit_without_a_dataset_takes_cifar10():
+    config = train.config_from_args(parse_train(["--task", "vit"]))
+    assert (config.dataset, config.out) == ("cifar10", "runs/vit-cifar10-hybrid-seed0")
+    assert train.config_from_args(parse_train([])).dataset == "tinyshakespeare"
+    assert train.TrainConfig(task="vit").dataset == "cifar10"
+
+
+def test_train_help_lists_the_datasets_and_says_what_none_means(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name in ("tinyshakespeare", "wikitext2", "wikitext103", "recall_ring", "recall_nearest", "cifar10",
+                 "cifar100", "fashion-mnist"):
+        assert name in text
+    assert "default None" not in text
+    assert "resize the images to this many pixels a side (default: as stored)" in text
