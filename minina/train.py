@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .attention import BACKENDS
 from .data import IMAGE_DATASETS, TEXT_DATASETS, atomic_save, lm_batches, lm_eval_batches, load_images, load_text
 from .models import TransformerLM, VisionTransformer
-from .scores import NeuralScore
+from .scores import RELIABLE_SCORE_OPTIONS, NeuralScore
 
 HELP = "train a language model or a ViT with dot, neural or hybrid attention (resumable, torchrun-ready)"
 TASKS = ("lm", "vit")
@@ -197,7 +197,7 @@ def _check_score_options(config):
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"score_options has unknown key(s) {unknown}: NeuralScore takes {known} (proj_dim has its "
-                         f"own flag), e.g. {{\"hidden\": \"wide\", \"activation\": \"gelu\"}}")
+                         f"own flag), e.g. {json.dumps(RELIABLE_SCORE_OPTIONS)}")
     try:
         NeuralScore(config.dim // config.heads, config.proj_dim, **options)
     except (TypeError, ValueError) as error:
@@ -640,12 +640,11 @@ def _json_object(text):
     """argparse type of --score-options: a JSON object, or a message showing how to write one."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as error:
-        value = error
+    except json.JSONDecodeError:
+        value = None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(
-            f"expected a JSON object such as {{\"hidden\": \"wide\", \"activation\": \"gelu\"}} (names and "
-            f"strings in double quotes), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as {json.dumps(RELIABLE_SCORE_OPTIONS)} "
+                                         f"(names and strings in double quotes), got {text!r}")
     return value
 
 
@@ -664,8 +663,8 @@ def add_arguments(parser):
         elif field.name == "score_options":
             parser.add_argument(flag, type=_json_object, metavar="JSON",
                                 help="more NeuralScore keyword arguments as a JSON object, e.g. the learnability "
-                                     'study\'s pick (minina.scores.RELIABLE_SCORE_OPTIONS): {"hidden": "wide", '
-                                     '"activation": "gelu"}')
+                                     "study's pick (minina.scores.RELIABLE_SCORE_OPTIONS): "
+                                     f"{json.dumps(RELIABLE_SCORE_OPTIONS)}")
         else:
             kind = {int: int, float: float}.get(type(default), str)
             if field.name in ("eval_batches", "image_size", "train_size", "proj_dim"):

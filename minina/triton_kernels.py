@@ -385,7 +385,7 @@ class TritonNeuralAttention(torch.autograd.Function):
         # so a loss linear in the output would get a silent second derivative without the kernels' terms.
         if torch.is_grad_enabled():  # autograd runs a backward in grad mode exactly when create_graph=True
             raise RuntimeError("backend='triton' has no double backward: its backward cannot build a graph "
-                               "(create_graph=True); use backend='chunked' or 'reference' to differentiate twice")
+                               "(create_graph=True); use backend='reference' to differentiate twice")
         A, Bk, v, w2, b2, w3, b3, mask, out, lse = ctx.saved_tensors
         shared, config = ctx.shared, ctx.config
         batch, heads, L, h1 = A.shape

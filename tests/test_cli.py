@@ -1,8 +1,10 @@
 """The README's quick start and the command line, run as a user would."""
 import argparse
 import csv
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +124,32 @@ def test_train_help_lists_the_datasets_and_says_what_none_means(capsys):
         assert name in text
     assert "default None" not in text
     assert "resize the images to this many pixels a side (default: as stored)" in text
+
+
+def test_train_threads_sets_torchs_threads(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train, "train", lambda config, **kwargs: seen.update(threads=torch.get_num_threads()) or
+                        {"interrupted": False})
+    threads = torch.get_num_threads()
+    try:
+        main(["train", "--threads", "1", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {"threads": 1}
+
+
+def test_readme_training_commands_give_the_reliable_score_on_every_shell():
+    """The --score-options example is the study's pick, written for POSIX shells (single quotes) and for Windows,
+    whose programs split their command line by the C runtime's rules (subprocess.list2cmdline writes them)."""
+    from minina.scores import RELIABLE_SCORE_OPTIONS
+
+    text = README.read_text(encoding="utf-8")
+    training = re.search(r"^## Training\n(.*?)^## ", text, re.M | re.S).group(1)
+    posix = re.search(r"^python -m minina train --attention hybrid --score-options .*?\\\n.*?$", training, re.M)
+    argv = shlex.split(posix.group(0).replace("\\\n", " "))[4:]  # after "python -m minina train"
+    assert train.config_from_args(parse_train(argv)).score_options == RELIABLE_SCORE_OPTIONS
+    windows = subprocess.list2cmdline(["--score-options", json.dumps(RELIABLE_SCORE_OPTIONS)])
+    assert training.count(windows) == 2  # cmd, and PowerShell after --%
+    assert "--% " + windows in training
+    for setting in ("export MININA_DATA=", "set MININA_DATA=", "$env:MININA_DATA = "):
+        assert setting in training
