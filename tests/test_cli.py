@@ -153,3 +153,12 @@ def test_readme_training_commands_give_the_reliable_score_on_every_shell():
     assert "--% " + windows in training
     for setting in ("export MININA_DATA=", "set MININA_DATA=", "$env:MININA_DATA = "):
         assert setting in training
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(seeds=0), "seeds must be a positive int, got 0"),
+                                             (dict(steps=-1), "steps must be a positive int, got -1")])
+def test_demo_run_refuses_nothing_to_train(kwargs, message):
+    from minina import demo
+
+    with pytest.raises(ValueError, match=message):
+        demo.run(**kwargs)
