@@ -53,13 +53,13 @@ def compiled_block_size(batch_size, length):
 @functools.lru_cache(maxsize=None)
 def _compiler_problem():
     """Why torch.compile cannot run here (None if it can): dynamo unsupported, or no C++ compiler for inductor."""
-    if not torch._dynamo.is_dynamo_supported():
-        return "torch.compile is not supported on this Python / platform"
     try:
+        if not torch._dynamo.is_dynamo_supported():
+            return "torch.compile is not supported on this Python / platform"
         from torch._inductor.cpp_builder import get_cpp_compiler
         compiler = get_cpp_compiler()
-    except Exception as error:  # Windows and macOS may lack one; a private API may move: either way, no compile
-        return f"no C++ compiler for torch.compile ({type(error).__name__}: {error})"
+    except Exception as error:  # no compiler (Windows, macOS may lack one) or an older torch without this API
+        return f"cannot find torch.compile's C++ compiler ({type(error).__name__}: {error})"
     if shutil.which(compiler) is None:
         return f"no C++ compiler for torch.compile ({compiler!r} not found)"
     return None
@@ -73,6 +73,12 @@ def unavailable_reason():
     if _FAILURE:
         return _FAILURE[0]
     return _compiler_problem()
+
+
+def inside_torch_compile():
+    """Whether an outer torch.compile is tracing this call (torch >= 2.3 can tell)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def pays_off(q, v):
@@ -180,7 +186,8 @@ def _compiling(config):
         yield
         return
     try:
-        with torch._dynamo.config.patch(recompile_limit=len(_CONFIGS) + 8):
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        with torch._dynamo.config.patch(**{limit: len(_CONFIGS) + 8}):  # the name before torch 2.6
             yield
     except Exception as error:
         raise CompileError(f"torch.compile failed on the compiled backend's {config[0]} tile: "
