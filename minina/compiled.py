@@ -9,16 +9,20 @@ fuses it into a few C++ loops around the p @ v products: the paper's MLP costs a
 and its hidden values never reach memory. Written as a matmul over the hidden dim, the MLP would become an
 external matmul call between loops, and the fusion would be lost.
 
-Stable shapes: inputs are padded to whole blocks and cut into contiguous blocks (nb, ..., block, ...); the tile
-masks padded keys by position, and row / column offsets and causality reach it in a tensor, not as Python values.
-So a configuration (batch dims, score MLP, dtype, masking, blocks) compiles once and then serves every L and S;
-the blocks depend on the batch size, and only sequences shorter than a block pick a smaller one
-(compiled_block_size).
+Stable shapes: each tile's inputs are cut into fresh contiguous tensors of the full block size, the last block
+padded, and the tile masks padded keys by position; row / column offsets and causality reach it in a tensor, not
+as Python values. So a configuration (batch dims, score MLP, dtype, masking, blocks) compiles once and then serves
+every L and S; the blocks depend on the batch size, and only sequences shorter than a block pick a smaller one
+(compiled_block_size). No (..., L, S) tensor is made, and nothing but the inputs, the output and the logsumexp is
+saved for backward.
 
 Tested against the reference on CPU in float32 and float64 with every score option of chunked (any hidden widths,
 ReLU, GELU, leaky ReLU, learned scale, residual); float16/bfloat16 inputs run with float32 tiles, as chunked.
-Caution: the first call of each configuration compiles (seconds; the inductor cache on disk makes later processes
-faster), so "auto" takes this backend only above COMPILE_MIN_PAIRS; on CUDA it may work but is not tested.
+Caution: the first call of each configuration compiles, which is slow (README, Performance; Inductor's cache on
+disk makes later processes faster), so "auto" takes this backend only from COMPILE_MIN_PAIRS on. A compile error
+in the forward makes "auto" fall back to chunked; one in the backward (rare: both tiles use the same operations) is
+raised. The backward is once_differentiable. On CUDA it may work but is not tested (Triton's kernels are the GPU
+path).
 """
 import contextlib
 import functools
