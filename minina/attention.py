@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import chunked_neural_attention
-from .compiled import (CompileError, compiled_neural_attention, fallback_warning, pays_off, record_failure,
-                       unavailable_reason)
+from .compiled import (CompileError, compiled_neural_attention, fallback_warning, inside_torch_compile, pays_off,
+                       record_failure, unavailable_reason)
 from .masks import attention_bias, masked_softmax
 from .scores import NeuralScore
 
@@ -169,7 +169,7 @@ def resolve_backend(backend, q, v=None, score=None, attn_mask=None):
             return "chunked"
         from .triton_kernels import supports
         return "triton" if v is None or score is None or supports(q, v, score, attn_mask) else "chunked"
-    if q.device.type != "cpu" or v is None or score is None or not pays_off(q, v) or torch.compiler.is_compiling():
+    if q.device.type != "cpu" or v is None or score is None or not pays_off(q, v) or inside_torch_compile():
         return "chunked"  # inside an outer torch.compile, that compile fuses chunked's operations itself
     reason = unavailable_reason()
     if reason is None:

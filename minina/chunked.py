@@ -13,8 +13,8 @@ Tested against the reference on CPU in float32 and float64, for ReLU, GELU and l
 widths, a learned logit scale and the residual score (NeuralScore(residual=True) adds one dot product per pair,
 done per tile here: no (L, S) tensor); float16/bfloat16 inputs run with float32 tiles and accumulators
 (bfloat16 checked on CPU).
-Caution: pure PyTorch launches a few dozen small ops per tile, so it trades speed for memory: on CPU about 4x
-SDPA's time (README, Performance); on GPU the fused Triton kernel is the fast path.
+Caution: pure PyTorch launches a few dozen small ops per tile, so it trades speed for memory (README, Performance);
+the fast paths are the compiled tiles on CPU (minina.compiled) and the fused Triton kernel on GPU.
 """
 import math
 

@@ -9,16 +9,20 @@ fuses it into a few C++ loops around the p @ v products: the paper's MLP costs a
 and its hidden values never reach memory. Written as a matmul over the hidden dim, the MLP would become an
 external matmul call between loops, and the fusion would be lost.
 
-Stable shapes: inputs are padded to whole blocks and cut into contiguous blocks (nb, ..., block, ...); the tile
-masks padded keys by position, and row / column offsets and causality reach it in a tensor, not as Python values.
-So a configuration (batch dims, score MLP, dtype, masking, blocks) compiles once and then serves every L and S;
-the blocks depend on the batch size, and only sequences shorter than a block pick a smaller one
-(compiled_block_size).
+Stable shapes: each tile's inputs are cut into fresh contiguous tensors of the full block size, the last block
+padded, and the tile masks padded keys by position; row / column offsets and causality reach it in a tensor, not
+as Python values. So a configuration (batch dims, score MLP, dtype, masking, blocks) compiles once and then serves
+every L and S; the blocks depend on the batch size, and only sequences shorter than a block pick a smaller one
+(compiled_block_size). No (..., L, S) tensor is made, and nothing but the inputs, the output and the logsumexp is
+saved for backward.
 
 Tested against the reference on CPU in float32 and float64 with every score option of chunked (any hidden widths,
 ReLU, GELU, leaky ReLU, learned scale, residual); float16/bfloat16 inputs run with float32 tiles, as chunked.
-Caution: the first call of each configuration compiles (seconds; the inductor cache on disk makes later processes
-faster), so "auto" takes this backend only above COMPILE_MIN_PAIRS; on CUDA it may work but is not tested.
+Caution: the first call of each configuration compiles, which is slow (README, Performance; Inductor's cache on
+disk makes later processes faster), so "auto" takes this backend only from COMPILE_MIN_PAIRS on. A compile error
+in the forward makes "auto" fall back to chunked; one in the backward (rare: both tiles use the same operations) is
+raised. The backward is once_differentiable. On CUDA it may work but is not tested (Triton's kernels are the GPU
+path).
 """
 import contextlib
 import functools
@@ -53,13 +57,13 @@ def compiled_block_size(batch_size, length):
 @functools.lru_cache(maxsize=None)
 def _compiler_problem():
     """Why torch.compile cannot run here (None if it can): dynamo unsupported, or no C++ compiler for inductor."""
-    if not torch._dynamo.is_dynamo_supported():
-        return "torch.compile is not supported on this Python / platform"
     try:
+        if not torch._dynamo.is_dynamo_supported():
+            return "torch.compile is not supported on this Python / platform"
         from torch._inductor.cpp_builder import get_cpp_compiler
         compiler = get_cpp_compiler()
-    except Exception as error:  # Windows and macOS may lack one; a private API may move: either way, no compile
-        return f"no C++ compiler for torch.compile ({type(error).__name__}: {error})"
+    except Exception as error:  # no compiler (Windows, macOS may lack one) or an older torch without this API
+        return f"cannot find torch.compile's C++ compiler ({type(error).__name__}: {error})"
     if shutil.which(compiler) is None:
         return f"no C++ compiler for torch.compile ({compiler!r} not found)"
     return None
@@ -73,6 +77,12 @@ def unavailable_reason():
     if _FAILURE:
         return _FAILURE[0]
     return _compiler_problem()
+
+
+def inside_torch_compile():
+    """Whether an outer torch.compile is tracing this call (torch >= 2.3 can tell)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def pays_off(q, v):
@@ -180,7 +190,8 @@ def _compiling(config):
         yield
         return
     try:
-        with torch._dynamo.config.patch(recompile_limit=len(_CONFIGS) + 8):
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        with torch._dynamo.config.patch(**{limit: len(_CONFIGS) + 8}):  # the name before torch 2.6
             yield
     except Exception as error:
         raise CompileError(f"torch.compile failed on the compiled backend's {config[0]} tile: "
