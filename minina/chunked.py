@@ -16,6 +16,7 @@ done per tile here: no (L, S) tensor); float16/bfloat16 inputs run with float32 
 Caution: pure PyTorch launches a few dozen small ops per tile, so it trades speed for memory (README, Performance);
 the fast paths are the compiled tiles on CPU (minina.compiled) and the fused Triton kernel on GPU.
 """
+import functools
 import math
 
 import torch
@@ -24,6 +25,21 @@ from .activations import ACTIVATIONS
 
 TILE_ELEMENTS = 2 ** 19  # default budget for one (hidden, batch, query block, key block) tile
 
+
+
+def first_order_backward(backend):
+    """Decorator for the backward of a Function written without a graph of its own: raise when autograd asks it to
+    build one (create_graph=True). once_differentiable raises only when the incoming gradient requires grad, so a
+    loss linear in the output would get a second derivative that silently lacks the backward's own terms."""
+    def decorate(backward):
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():  # autograd runs a backward in grad mode exactly when create_graph=True
+                raise RuntimeError(f"backend={backend!r} has no double backward: its backward cannot build a graph "
+                                   "(create_graph=True); use backend='reference' to differentiate twice")
+            return backward(ctx, *grads)
+        return checked
+    return decorate
 
 def default_block_size(batch_size, hidden_width, L, S):
     """Square blocks, a power of two in [16, 256], so that a tile holds at most about TILE_ELEMENTS numbers."""
@@ -125,7 +141,7 @@ class ChunkedNeuralAttention(torch.autograd.Function):
         return out.to(v.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward("chunked")
     def backward(ctx, grad_out):
         A, Bk, v, q_dot, k_dot, out, logsumexp, attn_mask, *rest_params = ctx.saved_tensors
         compute, (_, act, act_grad) = out.dtype, ACTIVATIONS[ctx.activation]

@@ -21,8 +21,8 @@ ReLU, GELU, leaky ReLU, learned scale, residual); float16/bfloat16 inputs run wi
 Caution: the first call of each configuration compiles, which is slow (README, Performance; Inductor's cache on
 disk makes later processes faster), so "auto" takes this backend only from COMPILE_MIN_PAIRS on. A compile error
 in the forward makes "auto" fall back to chunked; one in the backward (rare: both tiles use the same operations) is
-raised. The backward is once_differentiable. On CUDA it may work but is not tested (Triton's kernels are the GPU
-path).
+raised. Differentiating twice (create_graph=True) raises. On CUDA it may work but is not tested (Triton's kernels
+are the GPU path).
 """
 import contextlib
 import functools
@@ -34,7 +34,7 @@ import warnings
 import torch
 
 from .activations import ACTIVATIONS
-from .chunked import ChunkedNeuralAttention, split_inputs
+from .chunked import ChunkedNeuralAttention, first_order_backward, split_inputs
 
 TILE_PAIRS = 2 ** 19  # default budget of (batch x query block x key block) pairs in one tile
 COMPILE_MIN_PAIRS = 2 ** 17  # "auto" picks compiled on CPU from this many (batch x L x S) pairs on
@@ -311,7 +311,7 @@ class CompiledNeuralAttention(torch.autograd.Function):
         return out.to(v.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward("compiled")
     def backward(ctx, grad_out):
         A, Bk, v, q_dot, k_dot, out, logsumexp, attn_mask, *rest_params = ctx.saved_tensors
         tiles = _Tiles(A, Bk, v, q_dot, k_dot, attn_mask, rest_params, ctx.is_causal, ctx.block_l, ctx.block_s)

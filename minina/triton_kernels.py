@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunked import first_order_backward
+
 KERNEL_ACTIVATIONS = ("relu", "gelu")  # names of minina.activations.ACTIVATIONS that _activation implements
 MAX_HIDDEN = (16, 16)  # widest (h1, h2): the paper's (P, P // 2) up to P = 16, and a little beyond
 MAX_VALUE_DIM = 256
@@ -380,12 +382,8 @@ class TritonNeuralAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_backward("triton")  # the kernels have no backward of their own
     def backward(ctx, d_out):
-        # The kernels have no backward of their own. once_differentiable would raise only when d_out requires grad,
-        # so a loss linear in the output would get a silent second derivative without the kernels' terms.
-        if torch.is_grad_enabled():  # autograd runs a backward in grad mode exactly when create_graph=True
-            raise RuntimeError("backend='triton' has no double backward: its backward cannot build a graph "
-                               "(create_graph=True); use backend='reference' to differentiate twice")
         A, Bk, v, w2, b2, w3, b3, mask, out, lse = ctx.saved_tensors
         shared, config = ctx.shared, ctx.config
         batch, heads, L, h1 = A.shape

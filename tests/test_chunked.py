@@ -164,6 +164,20 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(f, (q, k, v, mask, *weights))
 
 
+
+@pytest.mark.parametrize("loss", [lambda out: out.sum(), lambda out: (out ** 2).sum()], ids=["linear", "quadratic"])
+def test_double_backward_raises_instead_of_giving_wrong_numbers(loss):
+    """The backward is not differentiable itself: create_graph=True raises, also for a loss linear in the output
+    (once_differentiable lets that one through with the second derivative's backward terms missing)."""
+    score = NeuralScore(4, proj_dim=2).double()
+    q, k, v = random_inputs((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 3))
+    out = chunked_neural_attention(q, k, v, score, is_causal=True, block_l=2, block_s=4)
+    with pytest.raises(RuntimeError, match=r"backend='chunked' has no double backward.*create_graph=True"):
+        torch.autograd.grad(loss(out), q, create_graph=True)
+    grad, = torch.autograd.grad(loss(chunked_neural_attention(q, k, v, score, is_causal=True, block_l=2, block_s=4)), q)
+    expected, = torch.autograd.grad(loss(neural_attention(q, k, v, score, is_causal=True, backend="reference")), q)
+    torch.testing.assert_close(grad, expected)
+
 def test_low_precision_error_within_twice_reference_error():
     """bfloat16 inputs: fp32 tiles and accumulators keep the error within twice the bf16 reference's own error."""
     score = NeuralScore(32, proj_dim=4)

@@ -169,6 +169,15 @@ def test_gradcheck_and_modules():
     torch.testing.assert_close(layer(x), expected(x))
 
 
+
+@pytest.mark.parametrize("loss", [lambda out: out.sum(), lambda out: (out ** 2).sum()], ids=["linear", "quadratic"])
+def test_double_backward_raises_instead_of_giving_wrong_numbers(loss):
+    """create_graph=True raises, also for a loss linear in the output, which once_differentiable would let through."""
+    score = NeuralScore(HEAD_DIM).double()
+    q, k, v = random_inputs((*BATCH, 5, HEAD_DIM), (*BATCH, 6, HEAD_DIM), (*BATCH, 6, HEAD_DIM))
+    with pytest.raises(RuntimeError, match=r"backend='compiled' has no double backward.*create_graph=True"):
+        torch.autograd.grad(loss(compiled(q, k, v, score, is_causal=True)), q, create_graph=True)
+
 def test_empty_sequences_and_nothing_quadratic_saved():
     score = NeuralScore(HEAD_DIM).double()
     for L, S in [(0, 5), (5, 0)]:
