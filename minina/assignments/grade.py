@@ -328,7 +328,9 @@ def grade(paths, out, seed=0, timeout=300, format="csv", assignment=None, notebo
         rows += rows_for(path, None, "error", message)
     rows += [dict(notebook=str(path), assignment="", exercise="", status="ignored", points=0, max_points=0,
                   message=reason) for path, reason in ignored]
-    output = ""
+    output = "\n".join(f"{Path(path).name} graded as {name}: {sum(r['points'] for r in rows if r['notebook'] == str(path)):g}"
+                       f"/{sum(r['max_points'] for r in rows if r['notebook'] == str(path)):g} points"
+                       for path, name, _ in graded)
     if not graded and not unknown:
         output = f"no notebook (.ipynb) found in {', '.join(map(str, paths))}: nothing was graded, score 0"
         rows = rows_for("", assignment, "error", output) if assignment else rows
