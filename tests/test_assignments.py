@@ -24,7 +24,7 @@ from minina.assignments import ASSIGNMENTS, EXERCISES, check, passed
 from minina.assignments.build import ANSWER_PLACEHOLDER, MarkerError, build, render, student_notebook
 from minina.assignments.checks import run_exercise
 from minina.assignments.exercises import reference_mean_std, tile_logits
-from minina.assignments.grade import summary_table, write_gradescope
+from minina.assignments.submission import gradescope_text, summary_table
 from minina.masks import masked_softmax as reference_masked_softmax
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +40,26 @@ def run_cell(source, namespace, name):
     filename = f"<{name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     exec(compile(source, filename, "exec"), namespace)
+
+
+def scratch_masked_softmax(logits):
+    """A from-scratch masked softmax, as a student writes it (minina's own is forbidden in the checks)."""
+    row_max = logits.amax(dim=-1, keepdim=True)
+    p = torch.exp(logits - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)))
+    total = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def scratch_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, diagonal=1, invert=False):
+    """From-scratch attention; scale, diagonal (of the causal mask) and invert make the usual mistakes."""
+    L, S = q.shape[-2], k.shape[-2]
+    logits = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if attn_mask is not None:
+        mask = ~attn_mask if invert and attn_mask.dtype == torch.bool else attn_mask
+        logits = logits.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else logits + mask
+    if is_causal:
+        logits = logits.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(diagonal=diagonal), -math.inf)
+    return scratch_masked_softmax(logits) @ v
 
 
 def fail(exercise_id, *objects):
@@ -165,7 +185,7 @@ def test_student_notebook_runs_and_reports_not_attempted(path, monkeypatch, caps
 
 
 def test_check_prints_one_line_and_never_raises(capsys):
-    check("A1.masked_softmax", reference_masked_softmax)
+    check("A1.masked_softmax", scratch_masked_softmax)
     check("A1.padding_mask", lambda lengths, max_len: 1 / 0)
     check("A1.attention", lambda *args, **kwargs: (_ for _ in ()).throw(NotImplementedError("A1.attention")))
     lines = capsys.readouterr().out.splitlines()
@@ -184,16 +204,51 @@ def test_check_does_not_move_the_notebook_random_stream():
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    run_exercise("A1.attention", [minina.dot_product_attention])
+    run_exercise("A1.attention", [scratch_attention])
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_references_pass_their_own_checks():
-    assert run_exercise("A1.masked_softmax", [reference_masked_softmax], seed=1).passed
-    assert run_exercise("A1.attention", [minina.dot_product_attention], seed=1).passed
-    assert run_exercise("A2.pair_logits", [lambda q, k, score: score.logits(q, k)], seed=1).passed
-    assert run_exercise("A4.split_first_layer", [lambda q, k, score: score.split(q, k)[:2]], seed=1).passed
-    assert run_exercise("A6.mean_std", [reference_mean_std], seed=1).passed
+def test_library_calls_fail_however_they_are_bound():
+    """minina's own implementation, PyTorch's fused attention and autograd are seen through any alias."""
+    from torch.nn.functional import scaled_dot_product_attention as fused
+
+    aten = torch.ops.aten.scaled_dot_product_attention
+    mha = torch.nn.MultiheadAttention(4, 1, batch_first=True).double()
+
+    def via_mha(q, k, v, attn_mask=None, is_causal=False):
+        return mha(q[0], k[0], v[0])[0][None]
+
+    def by_autograd(p, v, grad_out):
+        p, v = p.detach().requires_grad_(), v.detach().requires_grad_()
+        (p @ v).backward(grad_out)
+        return v.grad, p.grad
+
+    cases = [("A1.masked_softmax", reference_masked_softmax, "minina.masked_softmax"),
+             ("A1.attention", minina.dot_product_attention, "minina.dot_product_attention"),
+             ("A1.attention", lambda q, k, v, attn_mask=None, is_causal=False: fused(q, k, v, attn_mask=attn_mask,
+                                                                                     is_causal=is_causal),
+              "F.scaled_dot_product_attention"),
+             ("A1.attention", lambda q, k, v, attn_mask=None, is_causal=False: aten(q, k, v), "torch.ops.aten"),
+             ("A1.attention", via_mha, "nn.MultiheadAttention"),
+             ("A2.pair_logits", lambda q, k, score: type(score).logits(score, q, k), "NeuralScore.logits"),
+             ("A4.split_first_layer", lambda q, k, score: score.split(q, k)[:2], "NeuralScore.split"),
+             ("A5.softmax_backward", by_autograd, "autograd")]
+    for exercise_id, function, label in cases:
+        message = fail(exercise_id, function)
+        assert message.startswith(f"{exercise_id} called {label}") and "write it yourself" in message, message
+
+
+def test_a4_spy_sees_the_class_method_and_the_mlp():
+    def all_keys(q, k, v, score, block_size, is_causal=False):
+        logits = type(score).logits(score, q, k)  # (..., L, S), past any instance attribute
+        return reference_weights(logits, is_causal) @ v, torch.logsumexp(logits, dim=-1)
+
+    def reference_weights(logits, is_causal):
+        L, S = logits.shape[-2:]
+        mask = torch.ones(L, S, dtype=torch.bool).tril() if is_causal else None
+        return torch.softmax(logits if mask is None else logits.masked_fill(~mask, -math.inf), dim=-1)
+
+    assert "keys at once" in fail("A4.online_attention", all_keys)
 
 
 # ---------------------------------------------------------------------- one plausible wrong answer per exercise
@@ -208,18 +263,26 @@ def test_wrong_masked_softmax():
     assert "around 1000" in fail("A1.masked_softmax", softmax_without_shift) and "NaN" in fail(
         "A1.masked_softmax", softmax_without_shift)
     assert "all -inf" in fail("A1.masked_softmax", lambda x: torch.softmax(x, dim=-1))
-    assert "not exactly 0" in fail("A1.masked_softmax", lambda x: reference_masked_softmax(x.clamp(min=-30)))
+    assert "not exactly 0" in fail("A1.masked_softmax", lambda x: scratch_masked_softmax(x.clamp(min=-30)))
+    message = fail("A1.masked_softmax", lambda x: torch.softmax(x, dim=-1).nan_to_num())  # NaN gradient
+    assert "gradient" in message and "NaN" in message
+    assert run_exercise("A1.masked_softmax", [scratch_masked_softmax], seed=4).passed
 
 
-def test_wrong_attention():
-    def unscaled(q, k, v, attn_mask=None, is_causal=False):
-        return minina.dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=1.0)
+def test_wrong_attention_is_diagnosed():
+    def variant(**options):
+        return lambda q, k, v, attn_mask=None, is_causal=False: scratch_attention(q, k, v, attn_mask, is_causal,
+                                                                                   **options)
 
-    def ignores_causal(q, k, v, attn_mask=None, is_causal=False):
-        return minina.dot_product_attention(q, k, v, attn_mask=attn_mask)
-
-    assert "no mask" in fail("A1.attention", unscaled) and "off by" in fail("A1.attention", unscaled)
-    assert "is_causal=True" in fail("A1.attention", ignores_causal)
+    message = fail("A1.attention", variant(scale=1.0))
+    assert "no mask" in message and "off by" in message and "equals attention without the 1/sqrt(E)" in message
+    assert "equals attention with the causal mask shifted by one: one key too few" in fail(
+        "A1.attention", variant(diagonal=0))
+    assert "shifted by one: one key too many" in fail("A1.attention", variant(diagonal=2))
+    assert "boolean mask inverted" in fail("A1.attention", variant(invert=True))
+    assert "ignores is_causal" in fail("A1.attention", lambda q, k, v, attn_mask=None, is_causal=False:
+                                       scratch_attention(q, k, v, attn_mask))
+    assert run_exercise("A1.attention", [scratch_attention], seed=4).passed
 
 
 def test_wrong_padding_mask():
@@ -234,7 +297,14 @@ def test_wrong_pair_logits():
         return torch.stack([torch.stack(row, -1) for row in rows], -2)
 
     def swapped(q, k, score):
-        return score.logits(k, q).transpose(-2, -1)
+        return own_pair_logits(k, q, score).transpose(-2, -1)
+
+    def own_pair_logits(q, k, score):
+        a, b = score.q_proj(q), score.k_proj(k)  # (B, H, L, P), (B, H, S, P)
+        L, S, P = a.shape[-2], b.shape[-2], a.shape[-1]
+        pairs = torch.cat([a.unsqueeze(-2).expand(*a.shape[:-2], L, S, P),
+                           b.unsqueeze(-3).expand(*b.shape[:-2], L, S, P)], dim=-1)  # (B, H, L, S, 2P)
+        return score.mlp(pairs).squeeze(-1)
 
     assert "without Python loops" in fail("A2.pair_logits", loops)
     assert "logits" in fail("A2.pair_logits", swapped)
@@ -325,11 +395,13 @@ def test_wrong_tile_backward():
     assert "grad_logits" in fail("A5.softmax_backward", no_delta)
 
     def swapped_sums(A, Bk, W2, b2, W3, b3, grad_logits):  # dA summed over queries, dBk over keys
-        params = [t.clone().requires_grad_() for t in (A, Bk, W2, b2, W3, b3)]
-        tile_logits(*params).backward(grad_logits)
-        grads = dict(zip(("A", "Bk", "W2", "b2", "W3", "b3"), (p.grad for p in params)))
-        grads["A"], grads["Bk"] = grads["Bk"], grads["A"]  # same shapes on a square tile
-        return grads
+        pre1 = A[:, None, :] + Bk[None, :, :]  # (bl, bs, h1)
+        pre2 = torch.relu(pre1) @ W2.T + b2  # (bl, bs, h2)
+        g2 = (grad_logits[..., None] @ W3) * (pre2 > 0)  # (bl, bs, h2)
+        g1 = (g2 @ W2) * (pre1 > 0)  # (bl, bs, h1)
+        return {"A": g1.sum(dim=0), "Bk": g1.sum(dim=1), "W2": g2.flatten(0, 1).T @ torch.relu(pre1).flatten(0, 1),
+                "b2": g2.sum(dim=(0, 1)), "W3": (grad_logits[..., None] * torch.relu(pre2)).sum(dim=(0, 1))[None],
+                "b3": grad_logits.sum()[None]}
 
     assert "gradient of A" in fail("A5.mlp_backward", swapped_sums)
     assert "keys" in fail("A5.mlp_backward", lambda *args: {"A": args[0]})

@@ -61,7 +61,7 @@ def _builtins():
 
 FORBIDDABLE = (*_codes(), *_builtins())  # the labels an exercise may list in forbid=
 _OPS_FILE = str(_TORCH / "_ops.py")  # torch.ops.aten.X(...) runs OpOverload(Packet).__call__ there
-_ALLOWED_CALLERS = (str(_PACKAGE / "scores.py"), str(_PACKAGE / "assignments"))
+_ALLOWED_CALLERS = (str(_PACKAGE / "scores.py"), str(_PACKAGE / "assignments" / "exercises.py"))
 _LOGITS = (str(_PACKAGE / "scores.py"), "NeuralScore.logits")
 
 
@@ -79,7 +79,7 @@ class Watch:
         for label, functions in _builtins().items():
             self.builtins.update({function: label for function in functions} if label in forbid else {})
         self.aten = "an aten scaled_dot_product op" in forbid
-        self.spy, self.hits, self.widths = spy, [], []
+        self.spy, self.hits, self.widths, self.inside = spy, [], [], []  # inside: frames of forbidden calls
         self._hook = self._profile
 
     def _profile(self, frame, event, arg):
@@ -88,15 +88,19 @@ class Watch:
             key = (code.co_filename, code.co_qualname)
             label = self.codes.get(key) or self.files.get(code.co_filename)
             if label and not (frame.f_back and frame.f_back.f_code.co_filename.startswith(_ALLOWED_CALLERS)):
-                self.hits.append(label)
+                self.hits += [] if self.inside else [label]  # the outermost forbidden call only
+                self.inside.append(frame)
             elif self.aten and code.co_filename == _OPS_FILE and code.co_name == "__call__":
-                name = str(getattr(frame.f_locals.get("self"), "_name", ""))
-                if "scaled_dot_product" in name:
+                op = frame.f_locals.get("self")
+                name = str(getattr(op, "_qualified_op_name", None) or getattr(op, "_name", ""))
+                if "scaled_dot_product" in name and not self.inside:
                     self.hits.append(f"torch.ops.{name.replace('::', '.')}")
             if self.spy and key == _LOGITS:
                 k = frame.f_locals.get("k")
                 self.widths.append(k.shape[-2] if isinstance(k, torch.Tensor) and k.dim() >= 2 else -1)
-        elif event == "c_call" and self.builtins:
+        elif event == "return" and self.inside and frame is self.inside[-1]:
+            self.inside.pop()
+        elif event == "c_call" and self.builtins and not self.inside:
             try:
                 label = self.builtins.get(arg)
             except TypeError:  # an unhashable bound builtin
