@@ -7,9 +7,11 @@ import csv
 import json
 import linecache
 import math
+import os
 import re
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -460,59 +462,291 @@ def test_wrong_triton_kernel():
 # ------------------------------------------------------------------------------------------------------ grader
 
 
-def test_grader_full_zero_and_error_rows(tmp_path):
-    name = ASSIGNMENTS["A1"][0] + ".ipynb"
-    folders = {kind: tmp_path / kind for kind in ("solution", "student", "broken")}
-    for folder in folders.values():
-        folder.mkdir()
-    (folders["solution"] / name).write_text((FOLDER / "solutions" / name).read_text(encoding="utf-8"), encoding="utf-8")
-    (folders["student"] / name).write_text((FOLDER / name).read_text(encoding="utf-8"), encoding="utf-8")
-    broken = nbformat.read(FOLDER / name, as_version=4)
+def grader_user():
+    """nobody where this Python can run as nobody (or we are not root); else root, explicitly unprotected."""
+    from minina.assignments.grade import _can_run
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "nobody"
+    import pwd
+
+    entry = pwd.getpwnam("nobody")
+    return "nobody" if _can_run(Path(sys.executable), entry.pw_uid, entry.pw_gid) else "root"
+
+
+def grade_cli(*args, cwd, timeout=600):
+    result = subprocess.run([sys.executable, "-m", "minina", "assignments", "grade", *map(str, args),
+                             "--user", grader_user()], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def with_cells(base, *sources, at=None):
+    """The notebook base (a path) with code cells appended (or inserted at index `at`)."""
+    notebook = nbformat.read(base, as_version=4)
+    cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    notebook.cells[len(notebook.cells) if at is None else at:len(notebook.cells) if at is None else at] = cells
+    return notebook
+
+
+FORGE = r"""
+import sys, minina
+import minina.assignments.checks as checks
+from minina.assignments.checks import Result
+checks.run_exercise = lambda exercise_id, *args, **kwargs: Result(exercise_id, "passed", points=100, max_points=1)
+checks.Handle.reply = lambda self, *args, **kwargs: {"output": None, "error": None, "forbidden": [], "observed": {}}
+print('MININA-GRADE {"exercise": "A1.attention", "status": "passed", "points": 100, "max_points": 1, "message": ""}')
+attention = minina.dot_product_attention  # bound before the check
+
+def masked_softmax(logits):
+    print('MININA-GRADE {"status": "passed", "points": 100}')
+    frame = sys._getframe(1)
+    while frame:  # the checker's expected value, if it were in this process
+        if "expected" in frame.f_locals:
+            return frame.f_locals["expected"]
+        frame = frame.f_back
+    raise ValueError("no expected value in sight")
+"""
+
+ALIASES = r"""
+from minina import masks as _masks
+from torch.nn.functional import scaled_dot_product_attention as fused
+softmax_of_minina = _masks.masked_softmax
+
+def masked_softmax(logits):
+    return softmax_of_minina(logits)
+
+def attention(q, k, v, attn_mask=None, is_causal=False):
+    return fused(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+def padding_mask(lengths, max_len):  # honest: this one earns its point
+    return (torch.arange(max_len) < lengths[:, None])[:, None, None, :]
+"""
+
+STUBBORN = "while True:\n    try:\n        time.sleep(0.05)\n    except KeyboardInterrupt:\n        pass"
+
+LIBRARY = {  # assignment -> a cell that solves its central exercises with one library call
+    "A2": "def pair_logits(q, k, score):\n    return type(score).logits(score, q, k)",
+    "A4": "def split_first_layer(q, k, score):\n    return score.split(q, k)[:2]\n\n"
+          "def online_attention(q, k, v, score, block_size, is_causal=False):\n"
+          "    logits = type(score).logits(score, q, k)  # every key at once\n"
+          "    if is_causal:\n"
+          "        logits = logits.masked_fill(torch.ones(logits.shape[-2:], dtype=torch.bool).triu(1), -math.inf)\n"
+          "    return torch.softmax(logits, -1) @ v, torch.logsumexp(logits, -1)",
+    "A5": "def softmax_backward(p, v, grad_out):  # autograd, not by hand\n"
+          "    p, v = p.detach().requires_grad_(), v.detach().requires_grad_()\n"
+          "    (p @ v).backward(grad_out)\n"
+          "    return v.grad, p.grad",
+}
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """One grader run (seed 7, 8 s limits) over submissions of every kind; rows by submission folder."""
+    tmp = tmp_path_factory.mktemp("grader")
+    a1 = ASSIGNMENTS["A1"][0] + ".ipynb"
+    broken = nbformat.read(FOLDER / a1, as_version=4)
     for cell in broken.cells:  # a syntax error where each function is defined, and an endless loop
         if "raise NotImplementedError" in cell.source:
             cell.source = "def oops(:\n    pass"
     broken.cells.insert(3, nbformat.v4.new_code_cell("while True:\n    pass"))
-    nbformat.write(broken, folders["broken"] / name)
-    out = tmp_path / "grades.csv"
-    result = subprocess.run([sys.executable, "-m", "minina", "assignments", "grade", *map(str, folders.values()),
-                             "--out", str(out), "--seed", "7", "--timeout", "20"],
-                            capture_output=True, text=True, timeout=400, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    submissions = {"solution": {a1: nbformat.read(FOLDER / "solutions" / a1, as_version=4)},
+                   "student": {a1: nbformat.read(FOLDER / a1, as_version=4)}, "broken": {a1: broken},
+                   "forge": {a1: with_cells(FOLDER / a1, FORGE)}, "aliases": {a1: with_cells(FOLDER / a1, ALIASES)},
+                   "stubborn": {a1: with_cells(FOLDER / "solutions" / a1, "import time\n" + STUBBORN, at=3)},
+                   "library": {ASSIGNMENTS[a][0] + ".ipynb": with_cells(FOLDER / (ASSIGNMENTS[a][0] + ".ipynb"), cell)
+                               for a, cell in LIBRARY.items()}}
+    submissions["library"]["a5_tile_backward.ipynb"] = with_cells(FOLDER / "solutions" / "a5_tile_backward.ipynb",
+                                                                  LIBRARY["A5"])  # mlp_backward by hand: 1 of 2
+    for kind, notebooks in submissions.items():
+        (tmp / kind).mkdir()
+        for name, notebook in notebooks.items():
+            nbformat.write(notebook, tmp / kind / name)
+    out = tmp / "grades.csv"
+    start = time.monotonic()
+    result = grade_cli(*(tmp / kind for kind in submissions), "--out", out, "--seed", 7, "--timeout", 8, cwd=tmp)
     rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    by_kind = {kind: [row for row in rows if f"/{kind}/" in row["notebook"]] for kind in submissions}
+    return by_kind, rows, result.stdout, time.monotonic() - start
+
+
+def points(rows):
+    return sum(float(row["points"]) for row in rows), sum(float(row["max_points"]) for row in rows)
+
+
+def test_grader_full_zero_and_error_rows(graded):
+    by_kind, rows, stdout, _ = graded
     assert list(rows[0]) == ["notebook", "assignment", "exercise", "status", "points", "max_points", "message"]
-    by_kind = {kind: [row for row in rows if f"/{kind}/" in row["notebook"]] for kind in folders}
     exercises = sorted(e for e in EXERCISES if e.startswith("A1."))
     for kind, status in (("solution", "passed"), ("student", "not attempted"), ("broken", "error")):
         assert sorted(row["exercise"] for row in by_kind[kind]) == exercises
         assert {row["status"] for row in by_kind[kind]} == {status}, by_kind[kind]
         assert all(row["assignment"] == "A1" for row in by_kind[kind])
-    assert all(float(row["points"]) == float(row["max_points"]) > 0 for row in by_kind["solution"])
-    assert all(float(row["points"]) == 0 for row in by_kind["student"] + by_kind["broken"])
+    assert points(by_kind["solution"]) == (3, 3) and points(by_kind["student"]) == (0, 3)
     assert all("not defined" in row["message"] and "SyntaxError" in row["message"] for row in by_kind["broken"])
-    assert "passed" in result.stdout and "3/3" in result.stdout and "0/3" in result.stdout
+    assert "3/3" in stdout and "0/3" in stdout
 
 
-def test_gradescope_results_and_summary(tmp_path):
+def test_forged_lines_patches_and_frames_score_nothing(graded):
+    rows = {row["exercise"]: row for row in graded[0]["forge"]}
+    assert points(rows.values()) == (0, 3), rows
+    assert rows["A1.masked_softmax"]["status"] == "failed" and "no expected value" in rows["A1.masked_softmax"]["message"]
+    assert "A1.attention called minina.dot_product_attention" in rows["A1.attention"]["message"]
+    assert rows["A1.padding_mask"]["status"] == "not attempted"
+
+
+def test_library_calls_score_nothing_and_honest_work_scores_exactly(graded):
+    rows = {row["exercise"]: row for row in graded[0]["aliases"] + graded[0]["library"]}
+    assert points(graded[0]["aliases"]) == (1, 3) and rows["A1.padding_mask"]["status"] == "passed"
+    for exercise_id, label in (("A1.masked_softmax", "minina.masked_softmax"),
+                               ("A1.attention", "F.scaled_dot_product_attention"),
+                               ("A2.pair_logits", "NeuralScore.logits"), ("A4.split_first_layer", "NeuralScore.split"),
+                               ("A5.softmax_backward", "autograd")):
+        assert rows[exercise_id]["status"] == "failed" and float(rows[exercise_id]["points"]) == 0
+        assert f"{exercise_id} called {label}" in rows[exercise_id]["message"], rows[exercise_id]
+    assert "keys at once" in rows["A4.online_attention"]["message"]
+    assert rows["A5.mlp_backward"]["status"] == "passed" and points(graded[0]["library"]) == (1, 8)
+
+
+def test_a_kernel_that_ignores_interrupts_is_stopped(graded):
+    rows = graded[0]["stubborn"]
+    assert {row["status"] for row in rows} == {"error"} and points(rows) == (0, 3)
+    assert all("ran longer than 8 s and ignored the interrupt, the kernel was stopped while running cell 3 "
+               "(import time)" in row["message"] for row in rows), rows
+    assert graded[3] < 150  # one stuck cell costs its limit and the interrupt's grace, not every later cell's
+
+
+def test_notebook_time_limit_kills_the_kernel(tmp_path):
+    a1 = ASSIGNMENTS["A1"][0] + ".ipynb"
+    nbformat.write(with_cells(FOLDER / "solutions" / a1, *["import time\ntime.sleep(3)"] * 4, at=3), tmp_path / a1)
+    grade_cli(tmp_path, "--out", tmp_path / "grades.csv", "--timeout", 5, "--notebook-timeout", 8, cwd=tmp_path)
+    rows = list(csv.DictReader((tmp_path / "grades.csv").open(encoding="utf-8")))
+    assert {row["status"] for row in rows} == {"error"} and len(rows) == 3
+    assert all("ran longer than 8 s (the notebook's time limit)" in row["message"] and "(import time)"
+               in row["message"] for row in rows), rows
+
+
+@pytest.mark.skipif(grader_user() != "nobody" or not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root and a Python the user nobody can run")
+def test_an_unprivileged_kernel_cannot_forge_the_output_or_kill_the_grader(tmp_path):
+    a1 = ASSIGNMENTS["A1"][0] + ".ipynb"
+    attack = ("import os, signal, json\n"
+              "arguments = open(f'/proc/{os.getppid()}/cmdline').read().split('\\0')\n"
+              "out = arguments[arguments.index('--out') + 1]\n"
+              "for action in (lambda: open(out, 'w').write(json.dumps({'score': 300})),\n"
+              "               lambda: os.kill(os.getppid(), signal.SIGKILL),\n"
+              "               lambda: open('/etc/shadow').read()):\n"
+              "    try:\n        action()\n        print('ATTACK SUCCEEDED')\n"
+              "    except OSError as error:\n        print('refused:', error)")
+    nbformat.write(with_cells(FOLDER / a1, attack), tmp_path / a1)
+    out = tmp_path / "results.json"
+    grade_cli(tmp_path, "--out", out, "--format", "gradescope", cwd=tmp_path)
+    results = json.loads(out.read_text())
+    assert results["score"] == 0 and len(results["tests"]) == 3
+
+
+def test_gradescope_results_and_summary():
     rows = [dict(notebook="a.ipynb", assignment="A1", exercise="A1.attention", status="passed", points=1,
                  max_points=1, message=""),
             dict(notebook="a.ipynb", assignment="A1", exercise="A1.padding_mask", status="failed", points=0,
-                 max_points=1, message="lengths [3], max_len 6: mask is off")]
-    write_gradescope(rows, tmp_path / "results.json")
-    tests = json.loads((tmp_path / "results.json").read_text())["tests"]
-    assert tests == [{"name": "A1.attention", "score": 1, "max_score": 1, "output": "passed"},
-                     {"name": "A1.padding_mask", "score": 0, "max_score": 1,
-                      "output": "failed: lengths [3], max_len 6: mask is off"}]
-    assert "1/2" in summary_table(rows)
+                 max_points=1, message="lengths [3], max_len 6: mask is off"),
+            dict(notebook="b.ipynb", assignment="", exercise="", status="ignored", points=0, max_points=0,
+                 message="not graded: a.ipynb is graded as A1")]
+    results = json.loads(gradescope_text(rows, 12.34, "a.ipynb graded as A1: 1/2 points", "after_due_date"))
+    assert set(results) == {"score", "execution_time", "output", "output_format", "visibility", "tests"}
+    assert results["score"] == 1 and results["execution_time"] == 12.3
+    assert results["output"] == "a.ipynb graded as A1: 1/2 points\nb.ipynb: not graded: a.ipynb is graded as A1"
+    assert results["tests"] == [
+        {"name": "A1.attention", "number": "1.1", "score": 1, "max_score": 1, "status": "passed", "output": "passed",
+         "output_format": "text", "visibility": "after_due_date"},
+        {"name": "A1.padding_mask", "number": "1.2", "score": 0, "max_score": 1, "status": "failed",
+         "output": "failed: lengths [3], max_len 6: mask is off", "output_format": "text",
+         "visibility": "after_due_date"}]
+    assert "1/2" in summary_table(rows) and "ignored" in summary_table(rows)
+    with pytest.raises(ValueError, match="visibility"):
+        gradescope_text(rows, 1, visibility="later")
 
 
 def test_grader_error_rows_for_unreadable_notebooks(tmp_path):
     from minina.assignments.grade import grade
     (tmp_path / "a2_neural_score.ipynb").write_text("{not json", encoding="utf-8")
     (tmp_path / "mystery.ipynb").write_text(render(nbformat.v4.new_notebook()), encoding="utf-8")
-    rows = grade([tmp_path], tmp_path / "grades.csv")
+    rows = grade([tmp_path], tmp_path / "grades.csv", user=grader_user())
     a2 = [row for row in rows if row["assignment"] == "A2"]
     assert len(a2) == 4 and {row["status"] for row in a2} == {"error"} and "readable" in a2[0]["message"]
     assert [row["status"] for row in rows if "mystery" in row["notebook"]] == ["error"]
+
+
+def test_one_notebook_per_assignment_and_pinning(tmp_path):
+    from minina.assignments.submission import plan
+
+    a1, a4 = ASSIGNMENTS["A1"][0] + ".ipynb", ASSIGNMENTS["A4"][0] + ".ipynb"
+    for name in ("a1.ipynb", "a1 (1).ipynb", a1):
+        (tmp_path / name).write_text((FOLDER / a1).read_text(encoding="utf-8"), encoding="utf-8")
+    graded, ignored, unknown = plan([tmp_path])
+    assert [(p.name, a) for p, a, _ in graded] == [(a1, "A1")] and len(ignored) == 2 and not unknown
+    (tmp_path / a1).unlink()
+    (tmp_path / "a1.ipynb").rename(tmp_path / a4)  # an A1 notebook handed in under A4's name
+    graded, ignored, _ = plan([tmp_path], pinned="A4")
+    assert [(p.name, a) for p, a, _ in graded] == [(a4, "A4")] and "says it is A1, graded as A4" in graded[0][2]
+    (tmp_path / "empty").mkdir()
+    assert plan([tmp_path / "empty"], pinned="A1") == ([], [], [])
+
+
+def check_results_json(results):
+    """The fields of Gradescope's autograder specification, with their types."""
+    assert isinstance(results["score"], (int, float)) and isinstance(results["execution_time"], (int, float))
+    assert isinstance(results["output"], str) and results["visibility"] in ("visible", "hidden", "after_due_date",
+                                                                            "after_published")
+    for test in results["tests"]:
+        assert set(test) == {"name", "number", "score", "max_score", "status", "output", "output_format",
+                             "visibility"}
+        assert test["status"] in ("passed", "failed") and 0 <= test["score"] <= test["max_score"]
+    assert results["score"] == sum(test["score"] for test in results["tests"])
+
+
+def test_gradescope_autograder_zip_end_to_end(tmp_path):
+    """Build the zip, install its wheel, and run run_autograder in trees laid out as Gradescope's."""
+    import zipfile
+
+    archive = tmp_path / "autograder.zip"
+    result = subprocess.run([sys.executable, "-m", "minina", "assignments", "autograder", "A1", "--out", archive,
+                             "--timeout", "30", "--seed", "3", "--visibility", "after_due_date"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    source = tmp_path / "source"
+    zipfile.ZipFile(archive).extractall(source)
+    names = sorted(path.name for path in source.iterdir())
+    assert names[:1] == ["minina-" + minina.__version__ + "-py3-none-any.whl"] and names[1:] == ["run_autograder",
+                                                                                               "setup.sh"]
+    assert "--assignment A1 --seed 3 --timeout 30" in (source / "run_autograder").read_text()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", tmp_path / "site",
+                    source / names[0]], check=True, timeout=300)
+    a1, a4 = ASSIGNMENTS["A1"][0] + ".ipynb", ASSIGNMENTS["A4"][0] + ".ipynb"
+    submissions = {"solution": {a1: FOLDER / "solutions" / a1},
+                   "duplicates": {a1: FOLDER / a1, "a1 (1).ipynb": FOLDER / "solutions" / a1},
+                   "renamed": {a4: FOLDER / "solutions" / a4}, "empty": {}}
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), MININA_GRADER_USER=grader_user(),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    results = {}
+    for kind, files in submissions.items():
+        root = tmp_path / kind
+        (root / "submission").mkdir(parents=True)
+        for name, path in files.items():
+            (root / "submission" / name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+        run = subprocess.run(["bash", source / "run_autograder"], env=dict(env, AUTOGRADER_ROOT=str(root)),
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[kind] = json.loads((root / "results" / "results.json").read_text())
+        check_results_json(results[kind])
+    assert results["solution"]["score"] == 3 and len(results["solution"]["tests"]) == 3
+    assert all(test["visibility"] == "after_due_date" for test in results["solution"]["tests"])
+    assert results["duplicates"]["score"] == 0 and len(results["duplicates"]["tests"]) == 3  # counted once
+    assert "a1 (1).ipynb: not graded" in results["duplicates"]["output"]
+    assert results["renamed"]["score"] == 0 and all("says it is A4, graded as A1" in test["output"]
+                                                    for test in results["renamed"]["tests"])
+    assert results["empty"]["score"] == 0 and "no notebook" in results["empty"]["output"]
+    assert [test["max_score"] for test in results["empty"]["tests"]] == [1, 1, 1]
 
 
 # --------------------------------------------------------------------------------------------------- packaging

@@ -29,7 +29,8 @@ from .checks import EXERCISES, GraderError, Handle, restore, run_exercise
 from .probe import REPLY_MARKER, encode
 from .submission import csv_text, gradescope_text, plan, rows_for, summary_table, write_atomic
 
-PING_TIMEOUT = 10  # seconds an interrupted kernel has to become idle before it is killed
+PING_TIMEOUT = 5  # seconds an interrupted kernel has to become idle before it is killed
+TIMED_OUT = "minina: the cell ran out of time"  # the evalue nbclient reports for a timed-out cell
 
 
 class _KernelManager(AsyncKernelManager):
@@ -57,7 +58,9 @@ class Kernel:
             self.popen.update(user=user[0], group=user[1], extra_groups=[], umask=0o077)
         self.client = NotebookClient(notebook, km=km, timeout=timeout, kernel_name="python3", allow_errors=True,
                                      interrupt_on_timeout=True, record_timing=False,
-                                     error_on_timeout={"ename": "TimeoutError", "evalue": "", "traceback": []})
+                                     error_on_timeout={"ename": "TimeoutError", "evalue": TIMED_OUT, "traceback": []},
+                                     on_cell_executed=self._note_reply)
+        self.reply = None
         self.watchdog = threading.Timer(notebook_timeout, self.kill, args=(f"ran longer than {notebook_timeout:g} "
                                                                            f"s (the notebook's time limit)",))
         self.watchdog.daemon = True
@@ -72,19 +75,25 @@ class Kernel:
             except (ProcessLookupError, PermissionError):
                 pass
 
+    def _note_reply(self, cell, cell_index, execute_reply):
+        self.reply = execute_reply
+
+    def _execute(self, cell, index, timeout):
+        """Execute cell within timeout s (then interrupt it); whether it timed out."""
+        self.client.timeout, self.reply = max(1, int(timeout + 0.999)), None
+        self.client.execute_cell(cell, index)
+        return (self.reply or {}).get("content", {}).get("evalue") == TIMED_OUT
+
     def run(self, cell, index, timeout, what):
         """Execute cell (notebook index `index`) within timeout s; True if it finished in time."""
-        self.running, self.client.timeout = what, max(1, int(timeout + 0.999))
+        self.running = what
         try:
-            self.client.execute_cell(cell, index)
+            timed_out = self._execute(cell, index, timeout)
         except Exception as error:  # the kernel died (killed, or crashed)
             raise GraderError(self.killed or f"the kernel died while {what}: {type(error).__name__}") from None
-        timed_out = any(out.get("output_type") == "error" and out.get("ename") == "TimeoutError"
-                        and not out.get("evalue") for out in cell.get("outputs", []))
         if timed_out:
-            for out in cell.outputs:
-                if out.get("ename") == "TimeoutError" and not out.get("evalue"):
-                    out["evalue"] = f"ran longer than {timeout:g} s"
+            cell.outputs.append(nbformat.v4.new_output("error", ename="TimeoutError", traceback=[],
+                                                       evalue=f"ran longer than {timeout:g} s"))
             self._ensure_idle(what, timeout)
         return not timed_out
 
@@ -92,10 +101,8 @@ class Kernel:
         """After a time-out's interrupt: a kernel that does not answer a trivial cell is killed."""
         ping = nbformat.v4.new_code_cell("pass")
         self.notebook.cells.append(ping)
-        self.client.timeout = PING_TIMEOUT
         try:
-            self.client.execute_cell(ping, len(self.notebook.cells) - 1)
-            stuck = any(out.get("ename") == "TimeoutError" for out in ping.outputs)
+            stuck = self._execute(ping, len(self.notebook.cells) - 1, PING_TIMEOUT)
         except Exception:
             stuck = True
         if stuck:

@@ -24,9 +24,11 @@ _ASSIGNMENT_ID = re.compile(r"""check\(\s*["'](A\d+)\.""")
 
 
 def notebook_paths(path):
-    """The .ipynb files directly inside folder path (not its subfolders), sorted, or [path] for a file."""
+    """The .ipynb files directly inside folder path (not its subfolders), sorted; [path] for a file; [] if none."""
     path = Path(path)
-    return sorted(p for p in path.glob("*.ipynb") if not p.name.startswith(".")) if path.is_dir() else [path]
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.ipynb") if not p.name.startswith("."))
+    return [path] if path.is_file() else []
 
 
 def assignment_of(path, notebook=None):
