@@ -9,8 +9,10 @@ import linecache
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -720,13 +722,15 @@ def test_gradescope_autograder_zip_end_to_end(tmp_path):
     assert names[:1] == ["minina-" + minina.__version__ + "-py3-none-any.whl"] and names[1:] == ["run_autograder",
                                                                                                "setup.sh"]
     assert "--assignment A1 --seed 3 --timeout 30" in (source / "run_autograder").read_text()
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", tmp_path / "site",
-                    source / names[0]], check=True, timeout=300)
+    site = Path(tempfile.mkdtemp())  # where the unprivileged kernel can read the installed wheel, as on Gradescope
+    site.chmod(0o755)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, source / names[0]],
+                   check=True, timeout=300)
     a1, a4 = ASSIGNMENTS["A1"][0] + ".ipynb", ASSIGNMENTS["A4"][0] + ".ipynb"
     submissions = {"solution": {a1: FOLDER / "solutions" / a1},
                    "duplicates": {a1: FOLDER / a1, "a1 (1).ipynb": FOLDER / "solutions" / a1},
                    "renamed": {a4: FOLDER / "solutions" / a4}, "empty": {}}
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), MININA_GRADER_USER=grader_user(),
+    env = dict(os.environ, PYTHONPATH=str(site), MININA_GRADER_USER=grader_user(),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     results = {}
     for kind, files in submissions.items():
@@ -739,6 +743,7 @@ def test_gradescope_autograder_zip_end_to_end(tmp_path):
         assert run.returncode == 0, run.stderr[-2000:]
         results[kind] = json.loads((root / "results" / "results.json").read_text())
         check_results_json(results[kind])
+    shutil.rmtree(site)
     assert results["solution"]["score"] == 3 and len(results["solution"]["tests"]) == 3
     assert all(test["visibility"] == "after_due_date" for test in results["solution"]["tests"])
     assert results["duplicates"]["score"] == 0 and len(results["duplicates"]["tests"]) == 3  # counted once
