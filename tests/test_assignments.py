@@ -27,7 +27,7 @@ from minina.__main__ import main as minina_main
 from minina.assignments import ASSIGNMENTS, EXERCISES, check, passed
 from minina.assignments.build import ANSWER_PLACEHOLDER, MarkerError, build, render, student_notebook
 from minina.assignments.checks import run_exercise
-from minina.assignments.exercises import reference_mean_std, tile_logits
+from minina.assignments.exercises import reference_mean_std
 from minina.assignments.submission import gradescope_text, summary_table
 from minina.masks import masked_softmax as reference_masked_softmax
 
@@ -359,7 +359,7 @@ def test_wrong_split_first_layer():
     assert "A is off" in fail("A4.split_first_layer", no_bias)
 
 
-def online(q, k, v, score, block_size, is_causal=False, rescale_acc=True, whole=False):
+def online(q, k, v, score, block_size, is_causal=False, rescale_acc=True, whole=False, guard=True):
     L, S = q.shape[-2], k.shape[-2]
     m = torch.full(q.shape[:-1], -math.inf, dtype=q.dtype)
     l, acc = torch.zeros_like(m), torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
@@ -370,7 +370,7 @@ def online(q, k, v, score, block_size, is_causal=False, rescale_acc=True, whole=
         if is_causal:
             s = s.masked_fill(torch.arange(cols.start, cols.stop) > torch.arange(L)[:, None], -math.inf)
         new = torch.maximum(m, s.amax(-1))
-        safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+        safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new)) if guard else new
         p = torch.exp(s - safe[..., None])
         l = l * torch.exp(m - safe) + p.sum(-1)
         acc = (acc * torch.exp(m - safe)[..., None] if rescale_acc else acc) + p @ v[..., cols, :]
@@ -383,6 +383,8 @@ def test_wrong_online_attention():
     message = fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, rescale_acc=False))
     assert "block_size 1" in message and "rescale" in message
     assert "at once" in fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, whole=True))
+    message = fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, guard=False))  # m' = -inf unguarded
+    assert "the first 4 keys score -inf" in message and "NaN" in message
 
 
 def test_wrong_tile_backward():
@@ -592,7 +594,8 @@ def test_grader_full_zero_and_error_rows(graded):
 def test_forged_lines_patches_and_frames_score_nothing(graded):
     rows = {row["exercise"]: row for row in graded[0]["forge"]}
     assert points(rows.values()) == (0, 3), rows
-    assert rows["A1.masked_softmax"]["status"] == "failed" and "no expected value" in rows["A1.masked_softmax"]["message"]
+    softmax = rows["A1.masked_softmax"]
+    assert softmax["status"] == "failed" and "no expected value" in softmax["message"]
     assert "A1.attention called minina.dot_product_attention" in rows["A1.attention"]["message"]
     assert rows["A1.padding_mask"]["status"] == "not attempted"
 
@@ -711,16 +714,18 @@ def test_gradescope_autograder_zip_end_to_end(tmp_path):
     """Build the zip, install its wheel, and run run_autograder in trees laid out as Gradescope's."""
     import zipfile
 
-    archive = tmp_path / "autograder.zip"
+    archive, private = tmp_path / "autograder.zip", tmp_path / "private_checks.py"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    private.write_text(re.search(r"```python\n(# private_checks.py\n.*?)```", readme, re.S)[1], encoding="utf-8")
     result = subprocess.run([sys.executable, "-m", "minina", "assignments", "autograder", "A1", "--out", archive,
-                             "--timeout", "30", "--seed", "3", "--visibility", "after_due_date"], capture_output=True,
-                            text=True, timeout=300, cwd=tmp_path)
+                             "--timeout", "30", "--seed", "3", "--visibility", "after_due_date", "--extra-checks",
+                             private], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     source = tmp_path / "source"
     zipfile.ZipFile(archive).extractall(source)
     names = sorted(path.name for path in source.iterdir())
-    assert names[:1] == ["minina-" + minina.__version__ + "-py3-none-any.whl"] and names[1:] == ["run_autograder",
-                                                                                               "setup.sh"]
+    assert names[:1] == ["minina-" + minina.__version__ + "-py3-none-any.whl"]
+    assert names[1:] == ["private_checks.py", "run_autograder", "setup.sh"]
     assert "--assignment A1 --seed 3 --timeout 30" in (source / "run_autograder").read_text()
     site = Path(tempfile.mkdtemp())  # where the unprivileged kernel can read the installed wheel, as on Gradescope
     site.chmod(0o755)
@@ -744,14 +749,15 @@ def test_gradescope_autograder_zip_end_to_end(tmp_path):
         results[kind] = json.loads((root / "results" / "results.json").read_text())
         check_results_json(results[kind])
     shutil.rmtree(site)
-    assert results["solution"]["score"] == 3 and len(results["solution"]["tests"]) == 3
+    assert results["solution"]["score"] == 5 and len(results["solution"]["tests"]) == 4  # 2 from the private check
+    assert results["solution"]["tests"][-1]["name"] == "A1.long_sequences"
     assert all(test["visibility"] == "after_due_date" for test in results["solution"]["tests"])
-    assert results["duplicates"]["score"] == 0 and len(results["duplicates"]["tests"]) == 3  # counted once
+    assert results["duplicates"]["score"] == 0 and len(results["duplicates"]["tests"]) == 4  # counted once
     assert "a1 (1).ipynb: not graded" in results["duplicates"]["output"]
     assert results["renamed"]["score"] == 0 and all("says it is A4, graded as A1" in test["output"]
                                                     for test in results["renamed"]["tests"])
     assert results["empty"]["score"] == 0 and "no notebook" in results["empty"]["output"]
-    assert [test["max_score"] for test in results["empty"]["tests"]] == [1, 1, 1]
+    assert [test["max_score"] for test in results["empty"]["tests"]] == [1, 1, 1, 2]
 
 
 # --------------------------------------------------------------------------------------------------- packaging

@@ -1,9 +1,11 @@
 """The self-check machinery: run an exercise's checks on a student's code and say passed, failed or not attempted.
 
-An exercise is a function registered with @exercise(id, names): it receives the student's objects (the values of
-`names` in the notebook) and a torch.Generator seeded by the caller, compares them with minina's own reference on
-random inputs of several shapes and dtypes, and raises CheckFailed with a reason that names the failing case.
-A stub that still raises NotImplementedError (or a value left as `...`) means "not attempted".
+An exercise is a function registered with @exercise(id, names, forbid=...): it receives a Handle per notebook name
+and a torch.Generator seeded by the caller, draws inputs, runs the student's objects through call() (in-process for
+check(), in the kernel for the grader: see probe.py), compares what comes back with minina's own reference, and
+raises CheckFailed with a reason that names the failing case. The verdict is always decided where the exercise
+runs, so the grader's is out of the notebook's reach. A stub that still raises NotImplementedError (or a value left
+as `...`) means "not attempted".
 Tolerances: one per dtype, in TOLERANCES; a value passes when |got - expected| <= tol * (1 + |expected|).
 """
 import copy

@@ -67,9 +67,8 @@ def main(args):
         sys.exit("error: --timeout and --notebook-timeout must be > 0")
     from .exercises import ASSIGNMENTS
 
-    pinned = args.assignment if args.assignments_command == "grade" else args.assignment
-    if pinned is not None and pinned not in ASSIGNMENTS:
-        sys.exit(f"error: unknown assignment {pinned!r}; known: {', '.join(ASSIGNMENTS)}")
+    if args.assignment is not None and args.assignment not in ASSIGNMENTS:
+        sys.exit(f"error: unknown assignment {args.assignment!r}; known: {', '.join(ASSIGNMENTS)}")
     if args.assignments_command == "autograder":
         from .autograder import build_autograder
 

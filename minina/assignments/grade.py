@@ -11,6 +11,8 @@ get `timeout` seconds (then an interrupt, and the kernel is killed if it ignores
 `notebook_timeout`, after which its process group is killed. The output is written by this process only, at
 the end, atomically.
 """
+import base64
+import io
 import os
 import secrets
 import shutil
@@ -22,10 +24,11 @@ import warnings
 from pathlib import Path
 
 import nbformat
+import torch
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
-from .checks import EXERCISES, GraderError, Handle, restore, run_exercise
+from .checks import EXERCISES, GraderError, Handle, Result, restore, run_exercise
 from .probe import REPLY_MARKER, encode
 from .submission import csv_text, gradescope_text, plan, rows_for, summary_table, write_atomic
 
@@ -125,10 +128,6 @@ class Kernel:
             raise GraderError(f"the check could not run ({errors[0]})" if errors and not lines else
                               f"the grader's request while {what} got {len(lines)} replies; notebook code printed "
                               f"into the reply")
-        import base64
-        import io
-
-        import torch
         try:
             return restore(torch.load(io.BytesIO(base64.b64decode(lines[0][len(marker):])), weights_only=True))
         except Exception as error:
@@ -233,8 +232,6 @@ class RemoteHandle(Handle):
 
 def grade_exercise(kernel, spec, seed, cell_errors):
     """The Result of one exercise, its checks run here on the kernel's objects."""
-    from .checks import Result
-
     states = kernel.request(dict(kind="names", names=list(spec.names)), kernel.timeout, f"checking {spec.id}")
     missing = [name for name, state in states.items() if state == "missing"]
     if missing:
@@ -272,14 +269,10 @@ def run_notebook(notebook, assignment, folder, seed, timeout, notebook_timeout, 
             for spec in specs:
                 results.append(grade_exercise(kernel, spec, seed, errors))
     except GraderError as error:  # the kernel was killed or died: what is left could not be checked
-        from .checks import Result
-
         done = {result.exercise for result in results}
         results += [Result(spec.id, "error", f"the notebook could not be graded to the end: {error}",
                            max_points=spec.points) for spec in specs if spec.id not in done]
     except Exception as error:  # the kernel would not start
-        from .checks import Result
-
         results = [Result(spec.id, "error", f"the kernel could not run: {type(error).__name__}: {error}",
                           max_points=spec.points) for spec in specs]
     return results
@@ -335,9 +328,9 @@ def grade(paths, out, seed=0, timeout=300, format="csv", assignment=None, notebo
         rows += rows_for(path, None, "error", message)
     rows += [dict(notebook=str(path), assignment="", exercise="", status="ignored", points=0, max_points=0,
                   message=reason) for path, reason in ignored]
-    output = "\n".join(f"{Path(path).name} graded as {name}: {sum(r['points'] for r in rows if r['notebook'] == str(path)):g}"
-                       f"/{sum(r['max_points'] for r in rows if r['notebook'] == str(path)):g} points"
-                       for path, name, _ in graded)
+    mine = {str(path): [row for row in rows if row["notebook"] == str(path)] for path, _, _ in graded}
+    output = "\n".join(f"{Path(path).name} graded as {name}: {sum(r['points'] for r in mine[str(path)]):g}/"
+                       f"{sum(r['max_points'] for r in mine[str(path)]):g} points" for path, name, _ in graded)
     if not graded and not unknown:
         output = f"no notebook (.ipynb) found in {', '.join(map(str, paths))}: nothing was graded, score 0"
         rows = rows_for("", assignment, "error", output) if assignment else rows

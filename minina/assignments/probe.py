@@ -108,18 +108,22 @@ class Watch:
             if label and not frame.f_code.co_filename.startswith(_ALLOWED_CALLERS):
                 self.hits.append(label)
 
+    def _active(self):
+        return bool(self.codes or self.files or self.builtins or self.aten or self.spy)
+
     def __enter__(self):
-        if self.codes or self.files or self.builtins or self.aten or self.spy:
+        if self._active():
+            self._previous = (_GETPROFILE(), threading.getprofile())  # a profiler the notebook runs comes back after
             _SETPROFILE(self._hook)
             threading.setprofile(self._hook)
         return self
 
     def __exit__(self, *exc):
-        if self.codes or self.files or self.builtins or self.aten or self.spy:
+        if self._active():
             if _GETPROFILE() is not self._hook:
                 self.hits.append("sys.setprofile (it turned off the grader's watch)")
-            _SETPROFILE(None)
-            threading.setprofile(None)
+            _SETPROFILE(self._previous[0])
+            threading.setprofile(self._previous[1])
 
 
 def portable(value, depth=0):
