@@ -60,7 +60,7 @@ class Kernel:
             km.owner = user
             self.popen.update(user=user[0], group=user[1], extra_groups=[], umask=0o077)
         self.client = NotebookClient(notebook, km=km, timeout=timeout, kernel_name="python3", allow_errors=True,
-                                     interrupt_on_timeout=True, record_timing=False,
+                                     interrupt_on_timeout=True, record_timing=False, coalesce_streams=True,
                                      error_on_timeout={"ename": "TimeoutError", "evalue": TIMED_OUT, "traceback": []},
                                      on_cell_executed=self._note_reply)
         self.reply = None

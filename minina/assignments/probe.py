@@ -238,4 +238,4 @@ class Probe:
                 torch.manual_seed(request["seed"])
                 reply = self._execute(function, request["args"], request["kwargs"], request["forbid"],
                                       request["observe"])
-        self._print(self.marker + self._encode(reply), flush=True)
+        self._print("\n" + self.marker + self._encode(reply), flush=True)  # on a line of its own
