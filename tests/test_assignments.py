@@ -356,7 +356,8 @@ def test_wrong_split_first_layer():
         first, P = score.mlp[0], score.proj_dim
         return score.q_proj(q) @ first.weight[:, :P].T, score.k_proj(k) @ first.weight[:, P:].T
 
-    assert "A is off" in fail("A4.split_first_layer", no_bias)
+    message = fail("A4.split_first_layer", no_bias)
+    assert "A is off" in message and "your output equals A without the first layer's bias" in message
 
 
 def online(q, k, v, score, block_size, is_causal=False, rescale_acc=True, whole=False, guard=True):

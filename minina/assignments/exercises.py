@@ -282,9 +282,16 @@ def _check_split(split_first_layer, generator):
         got = call(case, split_first_layer, q, k, score)
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             raise CheckFailed(f"{case}: return the pair (A, Bk), got {type(got).__name__}")
-        A, Bk, _ = score.split(q, k)
-        compare(case, got[0], A.detach(), "A")
-        compare(case, got[1], Bk.detach(), "Bk")
+        with torch.no_grad():
+            A, Bk, _ = score.split(q, k)
+            bias = score.linears()[0].bias  # (h1,) belongs to A alone
+        for what, value, expected, variants in (("A", got[0], A, {"A without the first layer's bias": A - bias}),
+                                                ("Bk", got[1], Bk, {"Bk with the first layer's bias added (it "
+                                                                    "belongs to A alone)": Bk + bias})):
+            try:
+                compare(case, value, expected, what)
+            except CheckFailed as failure:
+                raise diagnose(failure, value, variants, TOLERANCES[dtype]) from None
 
 
 def _reference_with_logsumexp(q, k, v, score, is_causal):
