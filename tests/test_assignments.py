@@ -1,5 +1,7 @@
 """The course assignments: marker stripping, build --check, the checks (each fails a plausible wrong answer and says
-why), the student notebooks (every exercise not attempted), the grader on three submissions, and packaging.
+why; library calls fail however they are bound), the student notebooks (every exercise not attempted), the grader
+(verdicts out of the notebook's reach: forged lines, patches, library calls, time limits, an unprivileged kernel,
+pinning), Gradescope's results.json and autograder zip, and packaging.
 
 nbval runs every notebook under notebooks/assignments/ (solutions assert that all their checks pass).
 """
