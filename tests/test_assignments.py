@@ -742,11 +742,12 @@ def test_gradescope_autograder_zip_end_to_end(tmp_path):
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     results = {}
     for kind, files in submissions.items():
-        root = tmp_path / kind
-        (root / "submission").mkdir(parents=True)
+        root = tmp_path / kind  # Gradescope's layout: source/ (the zip), submission/, results/
+        shutil.copytree(source, root / "source")
+        (root / "submission").mkdir()
         for name, path in files.items():
             (root / "submission" / name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
-        run = subprocess.run(["bash", source / "run_autograder"], env=dict(env, AUTOGRADER_ROOT=str(root)),
+        run = subprocess.run(["bash", root / "source" / "run_autograder"], env=dict(env, AUTOGRADER_ROOT=str(root)),
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-2000:]
         results[kind] = json.loads((root / "results" / "results.json").read_text())
