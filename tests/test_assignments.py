@@ -1,5 +1,7 @@
 """The course assignments: marker stripping, build --check, the checks (each fails a plausible wrong answer and says
-why), the student notebooks (every exercise not attempted), the grader on three submissions, and packaging.
+why; library calls fail however they are bound), the student notebooks (every exercise not attempted), the grader
+(verdicts out of the notebook's reach: forged lines, patches, library calls, time limits, an unprivileged kernel,
+pinning), Gradescope's results.json and autograder zip, and packaging.
 
 nbval runs every notebook under notebooks/assignments/ (solutions assert that all their checks pass).
 """
@@ -7,9 +9,13 @@ import csv
 import json
 import linecache
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import tomllib
 from pathlib import Path
 
@@ -23,8 +29,8 @@ from minina.__main__ import main as minina_main
 from minina.assignments import ASSIGNMENTS, EXERCISES, check, passed
 from minina.assignments.build import ANSWER_PLACEHOLDER, MarkerError, build, render, student_notebook
 from minina.assignments.checks import run_exercise
-from minina.assignments.exercises import reference_mean_std, tile_logits
-from minina.assignments.grade import summary_table, write_gradescope
+from minina.assignments.exercises import reference_mean_std
+from minina.assignments.submission import gradescope_text, summary_table
 from minina.masks import masked_softmax as reference_masked_softmax
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +46,26 @@ def run_cell(source, namespace, name):
     filename = f"<{name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     exec(compile(source, filename, "exec"), namespace)
+
+
+def scratch_masked_softmax(logits):
+    """A from-scratch masked softmax, as a student writes it (minina's own is forbidden in the checks)."""
+    row_max = logits.amax(dim=-1, keepdim=True)
+    p = torch.exp(logits - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)))
+    total = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def scratch_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, diagonal=1, invert=False):
+    """From-scratch attention; scale, diagonal (of the causal mask) and invert make the usual mistakes."""
+    L, S = q.shape[-2], k.shape[-2]
+    logits = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if attn_mask is not None:
+        mask = ~attn_mask if invert and attn_mask.dtype == torch.bool else attn_mask
+        logits = logits.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else logits + mask
+    if is_causal:
+        logits = logits.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(diagonal=diagonal), -math.inf)
+    return scratch_masked_softmax(logits) @ v
 
 
 def fail(exercise_id, *objects):
@@ -165,7 +191,7 @@ def test_student_notebook_runs_and_reports_not_attempted(path, monkeypatch, caps
 
 
 def test_check_prints_one_line_and_never_raises(capsys):
-    check("A1.masked_softmax", reference_masked_softmax)
+    check("A1.masked_softmax", scratch_masked_softmax)
     check("A1.padding_mask", lambda lengths, max_len: 1 / 0)
     check("A1.attention", lambda *args, **kwargs: (_ for _ in ()).throw(NotImplementedError("A1.attention")))
     lines = capsys.readouterr().out.splitlines()
@@ -184,16 +210,51 @@ def test_check_does_not_move_the_notebook_random_stream():
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    run_exercise("A1.attention", [minina.dot_product_attention])
+    run_exercise("A1.attention", [scratch_attention])
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_references_pass_their_own_checks():
-    assert run_exercise("A1.masked_softmax", [reference_masked_softmax], seed=1).passed
-    assert run_exercise("A1.attention", [minina.dot_product_attention], seed=1).passed
-    assert run_exercise("A2.pair_logits", [lambda q, k, score: score.logits(q, k)], seed=1).passed
-    assert run_exercise("A4.split_first_layer", [lambda q, k, score: score.split(q, k)[:2]], seed=1).passed
-    assert run_exercise("A6.mean_std", [reference_mean_std], seed=1).passed
+def test_library_calls_fail_however_they_are_bound():
+    """minina's own implementation, PyTorch's fused attention and autograd are seen through any alias."""
+    from torch.nn.functional import scaled_dot_product_attention as fused
+
+    aten = torch.ops.aten.scaled_dot_product_attention
+    mha = torch.nn.MultiheadAttention(4, 1, batch_first=True).double()
+
+    def via_mha(q, k, v, attn_mask=None, is_causal=False):
+        return mha(q[0], k[0], v[0])[0][None]
+
+    def by_autograd(p, v, grad_out):
+        p, v = p.detach().requires_grad_(), v.detach().requires_grad_()
+        (p @ v).backward(grad_out)
+        return v.grad, p.grad
+
+    cases = [("A1.masked_softmax", reference_masked_softmax, "minina.masked_softmax"),
+             ("A1.attention", minina.dot_product_attention, "minina.dot_product_attention"),
+             ("A1.attention", lambda q, k, v, attn_mask=None, is_causal=False: fused(q, k, v, attn_mask=attn_mask,
+                                                                                     is_causal=is_causal),
+              "F.scaled_dot_product_attention"),
+             ("A1.attention", lambda q, k, v, attn_mask=None, is_causal=False: aten(q, k, v), "torch.ops.aten"),
+             ("A1.attention", via_mha, "nn.MultiheadAttention"),
+             ("A2.pair_logits", lambda q, k, score: type(score).logits(score, q, k), "NeuralScore.logits"),
+             ("A4.split_first_layer", lambda q, k, score: score.split(q, k)[:2], "NeuralScore.split"),
+             ("A5.softmax_backward", by_autograd, "autograd")]
+    for exercise_id, function, label in cases:
+        message = fail(exercise_id, function)
+        assert message.startswith(f"{exercise_id} called {label}") and "write it yourself" in message, message
+
+
+def test_a4_spy_sees_the_class_method_and_the_mlp():
+    def all_keys(q, k, v, score, block_size, is_causal=False):
+        logits = type(score).logits(score, q, k)  # (..., L, S), past any instance attribute
+        return reference_weights(logits, is_causal) @ v, torch.logsumexp(logits, dim=-1)
+
+    def reference_weights(logits, is_causal):
+        L, S = logits.shape[-2:]
+        mask = torch.ones(L, S, dtype=torch.bool).tril() if is_causal else None
+        return torch.softmax(logits if mask is None else logits.masked_fill(~mask, -math.inf), dim=-1)
+
+    assert "keys at once" in fail("A4.online_attention", all_keys)
 
 
 # ---------------------------------------------------------------------- one plausible wrong answer per exercise
@@ -208,18 +269,26 @@ def test_wrong_masked_softmax():
     assert "around 1000" in fail("A1.masked_softmax", softmax_without_shift) and "NaN" in fail(
         "A1.masked_softmax", softmax_without_shift)
     assert "all -inf" in fail("A1.masked_softmax", lambda x: torch.softmax(x, dim=-1))
-    assert "not exactly 0" in fail("A1.masked_softmax", lambda x: reference_masked_softmax(x.clamp(min=-30)))
+    assert "not exactly 0" in fail("A1.masked_softmax", lambda x: scratch_masked_softmax(x.clamp(min=-30)))
+    message = fail("A1.masked_softmax", lambda x: torch.softmax(x, dim=-1).nan_to_num())  # NaN gradient
+    assert "gradient" in message and "NaN" in message
+    assert run_exercise("A1.masked_softmax", [scratch_masked_softmax], seed=4).passed
 
 
-def test_wrong_attention():
-    def unscaled(q, k, v, attn_mask=None, is_causal=False):
-        return minina.dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=1.0)
+def test_wrong_attention_is_diagnosed():
+    def variant(**options):
+        return lambda q, k, v, attn_mask=None, is_causal=False: scratch_attention(q, k, v, attn_mask, is_causal,
+                                                                                   **options)
 
-    def ignores_causal(q, k, v, attn_mask=None, is_causal=False):
-        return minina.dot_product_attention(q, k, v, attn_mask=attn_mask)
-
-    assert "no mask" in fail("A1.attention", unscaled) and "off by" in fail("A1.attention", unscaled)
-    assert "is_causal=True" in fail("A1.attention", ignores_causal)
+    message = fail("A1.attention", variant(scale=1.0))
+    assert "no mask" in message and "off by" in message and "equals attention without the 1/sqrt(E)" in message
+    assert "equals attention with the causal mask shifted by one: one key too few" in fail(
+        "A1.attention", variant(diagonal=0))
+    assert "shifted by one: one key too many" in fail("A1.attention", variant(diagonal=2))
+    assert "boolean mask inverted" in fail("A1.attention", variant(invert=True))
+    assert "ignores is_causal" in fail("A1.attention", lambda q, k, v, attn_mask=None, is_causal=False:
+                                       scratch_attention(q, k, v, attn_mask))
+    assert run_exercise("A1.attention", [scratch_attention], seed=4).passed
 
 
 def test_wrong_padding_mask():
@@ -234,7 +303,14 @@ def test_wrong_pair_logits():
         return torch.stack([torch.stack(row, -1) for row in rows], -2)
 
     def swapped(q, k, score):
-        return score.logits(k, q).transpose(-2, -1)
+        return own_pair_logits(k, q, score).transpose(-2, -1)
+
+    def own_pair_logits(q, k, score):
+        a, b = score.q_proj(q), score.k_proj(k)  # (B, H, L, P), (B, H, S, P)
+        L, S, P = a.shape[-2], b.shape[-2], a.shape[-1]
+        pairs = torch.cat([a.unsqueeze(-2).expand(*a.shape[:-2], L, S, P),
+                           b.unsqueeze(-3).expand(*b.shape[:-2], L, S, P)], dim=-1)  # (B, H, L, S, 2P)
+        return score.mlp(pairs).squeeze(-1)
 
     assert "without Python loops" in fail("A2.pair_logits", loops)
     assert "logits" in fail("A2.pair_logits", swapped)
@@ -282,10 +358,11 @@ def test_wrong_split_first_layer():
         first, P = score.mlp[0], score.proj_dim
         return score.q_proj(q) @ first.weight[:, :P].T, score.k_proj(k) @ first.weight[:, P:].T
 
-    assert "A is off" in fail("A4.split_first_layer", no_bias)
+    message = fail("A4.split_first_layer", no_bias)
+    assert "A is off" in message and "your output equals A without the first layer's bias" in message
 
 
-def online(q, k, v, score, block_size, is_causal=False, rescale_acc=True, whole=False):
+def online(q, k, v, score, block_size, is_causal=False, rescale_acc=True, whole=False, guard=True):
     L, S = q.shape[-2], k.shape[-2]
     m = torch.full(q.shape[:-1], -math.inf, dtype=q.dtype)
     l, acc = torch.zeros_like(m), torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
@@ -296,7 +373,7 @@ def online(q, k, v, score, block_size, is_causal=False, rescale_acc=True, whole=
         if is_causal:
             s = s.masked_fill(torch.arange(cols.start, cols.stop) > torch.arange(L)[:, None], -math.inf)
         new = torch.maximum(m, s.amax(-1))
-        safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+        safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new)) if guard else new
         p = torch.exp(s - safe[..., None])
         l = l * torch.exp(m - safe) + p.sum(-1)
         acc = (acc * torch.exp(m - safe)[..., None] if rescale_acc else acc) + p @ v[..., cols, :]
@@ -309,6 +386,8 @@ def test_wrong_online_attention():
     message = fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, rescale_acc=False))
     assert "block_size 1" in message and "rescale" in message
     assert "at once" in fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, whole=True))
+    message = fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, guard=False))  # m' = -inf unguarded
+    assert "the first 4 keys score -inf" in message and "NaN" in message
 
 
 def test_wrong_tile_backward():
@@ -325,11 +404,13 @@ def test_wrong_tile_backward():
     assert "grad_logits" in fail("A5.softmax_backward", no_delta)
 
     def swapped_sums(A, Bk, W2, b2, W3, b3, grad_logits):  # dA summed over queries, dBk over keys
-        params = [t.clone().requires_grad_() for t in (A, Bk, W2, b2, W3, b3)]
-        tile_logits(*params).backward(grad_logits)
-        grads = dict(zip(("A", "Bk", "W2", "b2", "W3", "b3"), (p.grad for p in params)))
-        grads["A"], grads["Bk"] = grads["Bk"], grads["A"]  # same shapes on a square tile
-        return grads
+        pre1 = A[:, None, :] + Bk[None, :, :]  # (bl, bs, h1)
+        pre2 = torch.relu(pre1) @ W2.T + b2  # (bl, bs, h2)
+        g2 = (grad_logits[..., None] @ W3) * (pre2 > 0)  # (bl, bs, h2)
+        g1 = (g2 @ W2) * (pre1 > 0)  # (bl, bs, h1)
+        return {"A": g1.sum(dim=0), "Bk": g1.sum(dim=1), "W2": g2.flatten(0, 1).T @ torch.relu(pre1).flatten(0, 1),
+                "b2": g2.sum(dim=(0, 1)), "W3": (grad_logits[..., None] * torch.relu(pre2)).sum(dim=(0, 1))[None],
+                "b3": grad_logits.sum()[None]}
 
     assert "gradient of A" in fail("A5.mlp_backward", swapped_sums)
     assert "keys" in fail("A5.mlp_backward", lambda *args: {"A": args[0]})
@@ -388,59 +469,299 @@ def test_wrong_triton_kernel():
 # ------------------------------------------------------------------------------------------------------ grader
 
 
-def test_grader_full_zero_and_error_rows(tmp_path):
-    name = ASSIGNMENTS["A1"][0] + ".ipynb"
-    folders = {kind: tmp_path / kind for kind in ("solution", "student", "broken")}
-    for folder in folders.values():
-        folder.mkdir()
-    (folders["solution"] / name).write_text((FOLDER / "solutions" / name).read_text(encoding="utf-8"), encoding="utf-8")
-    (folders["student"] / name).write_text((FOLDER / name).read_text(encoding="utf-8"), encoding="utf-8")
-    broken = nbformat.read(FOLDER / name, as_version=4)
+def grader_user():
+    """nobody where this Python can run as nobody (or we are not root); else root, explicitly unprotected."""
+    from minina.assignments.grade import _can_run
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "nobody"
+    import pwd
+
+    entry = pwd.getpwnam("nobody")
+    return "nobody" if _can_run(Path(sys.executable), entry.pw_uid, entry.pw_gid) else "root"
+
+
+def grade_cli(*args, cwd, timeout=600):
+    result = subprocess.run([sys.executable, "-m", "minina", "assignments", "grade", *map(str, args),
+                             "--user", grader_user()], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def with_cells(base, *sources, at=None):
+    """The notebook base (a path) with code cells appended (or inserted at index `at`)."""
+    notebook = nbformat.read(base, as_version=4)
+    cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    notebook.cells[len(notebook.cells) if at is None else at:len(notebook.cells) if at is None else at] = cells
+    return notebook
+
+
+FORGE = r"""
+import sys, minina
+import minina.assignments.checks as checks
+from minina.assignments.checks import Result
+checks.run_exercise = lambda exercise_id, *args, **kwargs: Result(exercise_id, "passed", points=100, max_points=1)
+checks.Handle.reply = lambda self, *args, **kwargs: {"output": None, "error": None, "forbidden": [], "observed": {}}
+print('MININA-GRADE {"exercise": "A1.attention", "status": "passed", "points": 100, "max_points": 1, "message": ""}')
+attention = minina.dot_product_attention  # bound before the check
+
+def masked_softmax(logits):
+    print('MININA-GRADE {"status": "passed", "points": 100}')
+    frame = sys._getframe(1)
+    while frame:  # the checker's expected value, if it were in this process
+        if "expected" in frame.f_locals:
+            return frame.f_locals["expected"]
+        frame = frame.f_back
+    raise ValueError("no expected value in sight")
+"""
+
+ALIASES = r"""
+from minina import masks as _masks
+from torch.nn.functional import scaled_dot_product_attention as fused
+softmax_of_minina = _masks.masked_softmax
+
+def masked_softmax(logits):
+    return softmax_of_minina(logits)
+
+def attention(q, k, v, attn_mask=None, is_causal=False):
+    return fused(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+def padding_mask(lengths, max_len):  # honest: this one earns its point
+    return (torch.arange(max_len) < lengths[:, None])[:, None, None, :]
+"""
+
+STUBBORN = "while True:\n    try:\n        time.sleep(0.05)\n    except KeyboardInterrupt:\n        pass"
+
+LIBRARY = {  # assignment -> a cell that solves its central exercises with one library call
+    "A2": "def pair_logits(q, k, score):\n    return type(score).logits(score, q, k)",
+    "A4": "def split_first_layer(q, k, score):\n    return score.split(q, k)[:2]\n\n"
+          "def online_attention(q, k, v, score, block_size, is_causal=False):\n"
+          "    logits = type(score).logits(score, q, k)  # every key at once\n"
+          "    if is_causal:\n"
+          "        logits = logits.masked_fill(torch.ones(logits.shape[-2:], dtype=torch.bool).triu(1), -math.inf)\n"
+          "    return torch.softmax(logits, -1) @ v, torch.logsumexp(logits, -1)",
+    "A5": "def softmax_backward(p, v, grad_out):  # autograd, not by hand\n"
+          "    p, v = p.detach().requires_grad_(), v.detach().requires_grad_()\n"
+          "    (p @ v).backward(grad_out)\n"
+          "    return v.grad, p.grad",
+}
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """One grader run (seed 7, 8 s limits) over submissions of every kind; rows by submission folder."""
+    tmp = tmp_path_factory.mktemp("grader")
+    a1 = ASSIGNMENTS["A1"][0] + ".ipynb"
+    broken = nbformat.read(FOLDER / a1, as_version=4)
     for cell in broken.cells:  # a syntax error where each function is defined, and an endless loop
         if "raise NotImplementedError" in cell.source:
             cell.source = "def oops(:\n    pass"
     broken.cells.insert(3, nbformat.v4.new_code_cell("while True:\n    pass"))
-    nbformat.write(broken, folders["broken"] / name)
-    out = tmp_path / "grades.csv"
-    result = subprocess.run([sys.executable, "-m", "minina", "assignments", "grade", *map(str, folders.values()),
-                             "--out", str(out), "--seed", "7", "--timeout", "20"],
-                            capture_output=True, text=True, timeout=400, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    submissions = {"solution": {a1: nbformat.read(FOLDER / "solutions" / a1, as_version=4)},
+                   "student": {a1: nbformat.read(FOLDER / a1, as_version=4)}, "broken": {a1: broken},
+                   "forge": {a1: with_cells(FOLDER / a1, FORGE)}, "aliases": {a1: with_cells(FOLDER / a1, ALIASES)},
+                   "stubborn": {a1: with_cells(FOLDER / "solutions" / a1, "import time\n" + STUBBORN, at=3)},
+                   "library": {ASSIGNMENTS[a][0] + ".ipynb": with_cells(FOLDER / (ASSIGNMENTS[a][0] + ".ipynb"), cell)
+                               for a, cell in LIBRARY.items()}}
+    submissions["library"]["a5_tile_backward.ipynb"] = with_cells(FOLDER / "solutions" / "a5_tile_backward.ipynb",
+                                                                  LIBRARY["A5"])  # mlp_backward by hand: 1 of 2
+    for kind, notebooks in submissions.items():
+        (tmp / kind).mkdir()
+        for name, notebook in notebooks.items():
+            nbformat.write(notebook, tmp / kind / name)
+    out = tmp / "grades.csv"
+    start = time.monotonic()
+    result = grade_cli(*(tmp / kind for kind in submissions), "--out", out, "--seed", 7, "--timeout", 8, cwd=tmp)
     rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    by_kind = {kind: [row for row in rows if f"/{kind}/" in row["notebook"]] for kind in submissions}
+    return by_kind, rows, result.stdout, time.monotonic() - start
+
+
+def points(rows):
+    return sum(float(row["points"]) for row in rows), sum(float(row["max_points"]) for row in rows)
+
+
+def test_grader_full_zero_and_error_rows(graded):
+    by_kind, rows, stdout, _ = graded
     assert list(rows[0]) == ["notebook", "assignment", "exercise", "status", "points", "max_points", "message"]
-    by_kind = {kind: [row for row in rows if f"/{kind}/" in row["notebook"]] for kind in folders}
     exercises = sorted(e for e in EXERCISES if e.startswith("A1."))
     for kind, status in (("solution", "passed"), ("student", "not attempted"), ("broken", "error")):
         assert sorted(row["exercise"] for row in by_kind[kind]) == exercises
         assert {row["status"] for row in by_kind[kind]} == {status}, by_kind[kind]
         assert all(row["assignment"] == "A1" for row in by_kind[kind])
-    assert all(float(row["points"]) == float(row["max_points"]) > 0 for row in by_kind["solution"])
-    assert all(float(row["points"]) == 0 for row in by_kind["student"] + by_kind["broken"])
+    assert points(by_kind["solution"]) == (3, 3) and points(by_kind["student"]) == (0, 3)
     assert all("not defined" in row["message"] and "SyntaxError" in row["message"] for row in by_kind["broken"])
-    assert "passed" in result.stdout and "3/3" in result.stdout and "0/3" in result.stdout
+    assert "3/3" in stdout and "0/3" in stdout
 
 
-def test_gradescope_results_and_summary(tmp_path):
+def test_forged_lines_patches_and_frames_score_nothing(graded):
+    rows = {row["exercise"]: row for row in graded[0]["forge"]}
+    assert points(rows.values()) == (0, 3), rows
+    softmax = rows["A1.masked_softmax"]
+    assert softmax["status"] == "failed" and "no expected value" in softmax["message"]
+    assert "A1.attention called minina.dot_product_attention" in rows["A1.attention"]["message"]
+    assert rows["A1.padding_mask"]["status"] == "not attempted"
+
+
+def test_library_calls_score_nothing_and_honest_work_scores_exactly(graded):
+    rows = {row["exercise"]: row for row in graded[0]["aliases"] + graded[0]["library"]}
+    assert points(graded[0]["aliases"]) == (1, 3) and rows["A1.padding_mask"]["status"] == "passed"
+    for exercise_id, label in (("A1.masked_softmax", "minina.masked_softmax"),
+                               ("A1.attention", "F.scaled_dot_product_attention"),
+                               ("A2.pair_logits", "NeuralScore.logits"), ("A4.split_first_layer", "NeuralScore.split"),
+                               ("A5.softmax_backward", "autograd")):
+        assert rows[exercise_id]["status"] == "failed" and float(rows[exercise_id]["points"]) == 0
+        assert f"{exercise_id} called {label}" in rows[exercise_id]["message"], rows[exercise_id]
+    assert "keys at once" in rows["A4.online_attention"]["message"]
+    assert rows["A5.mlp_backward"]["status"] == "passed" and points(graded[0]["library"]) == (1, 8)
+
+
+def test_a_kernel_that_ignores_interrupts_is_stopped(graded):
+    rows = graded[0]["stubborn"]
+    assert {row["status"] for row in rows} == {"error"} and points(rows) == (0, 3)
+    assert all("ran longer than 8 s and ignored the interrupt, the kernel was stopped while running cell 3 "
+               "(import time)" in row["message"] for row in rows), rows
+    assert graded[3] < 150  # one stuck cell costs its limit and the interrupt's grace, not every later cell's
+
+
+def test_notebook_time_limit_kills_the_kernel(tmp_path):
+    a1 = ASSIGNMENTS["A1"][0] + ".ipynb"
+    nbformat.write(with_cells(FOLDER / "solutions" / a1, *["import time\ntime.sleep(3)"] * 4, at=3), tmp_path / a1)
+    grade_cli(tmp_path, "--out", tmp_path / "grades.csv", "--timeout", 5, "--notebook-timeout", 8, cwd=tmp_path)
+    rows = list(csv.DictReader((tmp_path / "grades.csv").open(encoding="utf-8")))
+    assert {row["status"] for row in rows} == {"error"} and len(rows) == 3
+    assert all("ran longer than 8 s (the notebook's time limit)" in row["message"] and "(import time)"
+               in row["message"] for row in rows), rows
+
+
+@pytest.mark.skipif(grader_user() != "nobody" or not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root and a Python the user nobody can run")
+def test_an_unprivileged_kernel_cannot_forge_the_output_or_kill_the_grader(tmp_path):
+    a1 = ASSIGNMENTS["A1"][0] + ".ipynb"
+    attack = ("import os, signal, json\n"
+              "arguments = open(f'/proc/{os.getppid()}/cmdline').read().split('\\0')\n"
+              "out = arguments[arguments.index('--out') + 1]\n"
+              "for action in (lambda: open(out, 'w').write(json.dumps({'score': 300})),\n"
+              "               lambda: os.kill(os.getppid(), signal.SIGKILL),\n"
+              "               lambda: open('/etc/shadow').read()):\n"
+              "    try:\n        action()\n        print('ATTACK SUCCEEDED')\n"
+              "    except OSError as error:\n        print('refused:', error)")
+    nbformat.write(with_cells(FOLDER / a1, attack), tmp_path / a1)
+    out = tmp_path / "results.json"
+    grade_cli(tmp_path, "--out", out, "--format", "gradescope", cwd=tmp_path)
+    results = json.loads(out.read_text())
+    assert results["score"] == 0 and len(results["tests"]) == 3
+
+
+def test_gradescope_results_and_summary():
     rows = [dict(notebook="a.ipynb", assignment="A1", exercise="A1.attention", status="passed", points=1,
                  max_points=1, message=""),
             dict(notebook="a.ipynb", assignment="A1", exercise="A1.padding_mask", status="failed", points=0,
-                 max_points=1, message="lengths [3], max_len 6: mask is off")]
-    write_gradescope(rows, tmp_path / "results.json")
-    tests = json.loads((tmp_path / "results.json").read_text())["tests"]
-    assert tests == [{"name": "A1.attention", "score": 1, "max_score": 1, "output": "passed"},
-                     {"name": "A1.padding_mask", "score": 0, "max_score": 1,
-                      "output": "failed: lengths [3], max_len 6: mask is off"}]
-    assert "1/2" in summary_table(rows)
+                 max_points=1, message="lengths [3], max_len 6: mask is off"),
+            dict(notebook="b.ipynb", assignment="", exercise="", status="ignored", points=0, max_points=0,
+                 message="not graded: a.ipynb is graded as A1")]
+    results = json.loads(gradescope_text(rows, 12.34, "a.ipynb graded as A1: 1/2 points", "after_due_date"))
+    assert set(results) == {"score", "execution_time", "output", "output_format", "visibility", "tests"}
+    assert results["score"] == 1 and results["execution_time"] == 12.3
+    assert results["output"] == "a.ipynb graded as A1: 1/2 points\nb.ipynb: not graded: a.ipynb is graded as A1"
+    assert results["tests"] == [
+        {"name": "A1.attention", "number": "1.1", "score": 1, "max_score": 1, "status": "passed", "output": "passed",
+         "output_format": "text", "visibility": "after_due_date"},
+        {"name": "A1.padding_mask", "number": "1.2", "score": 0, "max_score": 1, "status": "failed",
+         "output": "failed: lengths [3], max_len 6: mask is off", "output_format": "text",
+         "visibility": "after_due_date"}]
+    assert "1/2" in summary_table(rows) and "ignored" in summary_table(rows)
+    with pytest.raises(ValueError, match="visibility"):
+        gradescope_text(rows, 1, visibility="later")
 
 
 def test_grader_error_rows_for_unreadable_notebooks(tmp_path):
     from minina.assignments.grade import grade
     (tmp_path / "a2_neural_score.ipynb").write_text("{not json", encoding="utf-8")
     (tmp_path / "mystery.ipynb").write_text(render(nbformat.v4.new_notebook()), encoding="utf-8")
-    rows = grade([tmp_path], tmp_path / "grades.csv")
+    rows = grade([tmp_path], tmp_path / "grades.csv", user=grader_user())
     a2 = [row for row in rows if row["assignment"] == "A2"]
     assert len(a2) == 4 and {row["status"] for row in a2} == {"error"} and "readable" in a2[0]["message"]
     assert [row["status"] for row in rows if "mystery" in row["notebook"]] == ["error"]
+
+
+def test_one_notebook_per_assignment_and_pinning(tmp_path):
+    from minina.assignments.submission import plan
+
+    a1, a4 = ASSIGNMENTS["A1"][0] + ".ipynb", ASSIGNMENTS["A4"][0] + ".ipynb"
+    for name in ("a1.ipynb", "a1 (1).ipynb", a1):
+        (tmp_path / name).write_text((FOLDER / a1).read_text(encoding="utf-8"), encoding="utf-8")
+    graded, ignored, unknown = plan([tmp_path])
+    assert [(p.name, a) for p, a, _ in graded] == [(a1, "A1")] and len(ignored) == 2 and not unknown
+    (tmp_path / a1).unlink()
+    (tmp_path / "a1.ipynb").rename(tmp_path / a4)  # an A1 notebook handed in under A4's name
+    graded, ignored, _ = plan([tmp_path], pinned="A4")
+    assert [(p.name, a) for p, a, _ in graded] == [(a4, "A4")] and "says it is A1, graded as A4" in graded[0][2]
+    (tmp_path / "empty").mkdir()
+    assert plan([tmp_path / "empty"], pinned="A1") == ([], [], [])
+
+
+def check_results_json(results):
+    """The fields of Gradescope's autograder specification, with their types."""
+    assert isinstance(results["score"], (int, float)) and isinstance(results["execution_time"], (int, float))
+    assert isinstance(results["output"], str) and results["visibility"] in ("visible", "hidden", "after_due_date",
+                                                                            "after_published")
+    for test in results["tests"]:
+        assert set(test) == {"name", "number", "score", "max_score", "status", "output", "output_format",
+                             "visibility"}
+        assert test["status"] in ("passed", "failed") and 0 <= test["score"] <= test["max_score"]
+    assert results["score"] == sum(test["score"] for test in results["tests"])
+
+
+def test_gradescope_autograder_zip_end_to_end(tmp_path):
+    """Build the zip, install its wheel, and run run_autograder in trees laid out as Gradescope's."""
+    import zipfile
+
+    archive, private = tmp_path / "autograder.zip", tmp_path / "private_checks.py"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    private.write_text(re.search(r"```python\n(# private_checks.py\n.*?)```", readme, re.S)[1], encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "minina", "assignments", "autograder", "A1", "--out", archive,
+                             "--timeout", "30", "--seed", "3", "--visibility", "after_due_date", "--extra-checks",
+                             private], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    source = tmp_path / "source"
+    zipfile.ZipFile(archive).extractall(source)
+    names = sorted(path.name for path in source.iterdir())
+    assert names[:1] == ["minina-" + minina.__version__ + "-py3-none-any.whl"]
+    assert names[1:] == ["private_checks.py", "run_autograder", "setup.sh"]
+    assert "--assignment A1 --seed 3 --timeout 30" in (source / "run_autograder").read_text()
+    site = Path(tempfile.mkdtemp())  # where the unprivileged kernel can read the installed wheel, as on Gradescope
+    site.chmod(0o755)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, source / names[0]],
+                   check=True, timeout=300)
+    a1, a4 = ASSIGNMENTS["A1"][0] + ".ipynb", ASSIGNMENTS["A4"][0] + ".ipynb"
+    submissions = {"solution": {a1: FOLDER / "solutions" / a1},
+                   "duplicates": {a1: FOLDER / a1, "a1 (1).ipynb": FOLDER / "solutions" / a1},
+                   "renamed": {a4: FOLDER / "solutions" / a4}, "empty": {}}
+    env = dict(os.environ, PYTHONPATH=str(site), MININA_GRADER_USER=grader_user(),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    results = {}
+    for kind, files in submissions.items():
+        root = tmp_path / kind  # Gradescope's layout: source/ (the zip), submission/, results/
+        shutil.copytree(source, root / "source")
+        (root / "submission").mkdir()
+        for name, path in files.items():
+            (root / "submission" / name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+        run = subprocess.run(["bash", root / "source" / "run_autograder"], env=dict(env, AUTOGRADER_ROOT=str(root)),
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[kind] = json.loads((root / "results" / "results.json").read_text())
+        check_results_json(results[kind])
+    shutil.rmtree(site)
+    assert results["solution"]["score"] == 5 and len(results["solution"]["tests"]) == 4  # 2 from the private check
+    assert results["solution"]["tests"][-1]["name"] == "A1.long_sequences"
+    assert all(test["visibility"] == "after_due_date" for test in results["solution"]["tests"])
+    assert results["duplicates"]["score"] == 0 and len(results["duplicates"]["tests"]) == 4  # counted once
+    assert "a1 (1).ipynb: not graded" in results["duplicates"]["output"]
+    assert results["renamed"]["score"] == 0 and all("says it is A4, graded as A1" in test["output"]
+                                                    for test in results["renamed"]["tests"])
+    assert results["empty"]["score"] == 0 and "no notebook" in results["empty"]["output"]
+    assert [test["max_score"] for test in results["empty"]["tests"]] == [1, 1, 1, 2]
 
 
 # --------------------------------------------------------------------------------------------------- packaging

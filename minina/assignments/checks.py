@@ -1,36 +1,45 @@
 """The self-check machinery: run an exercise's checks on a student's code and say passed, failed or not attempted.
 
-An exercise is a function registered with @exercise(id, names): it receives the student's objects (the values of
-`names` in the notebook) and a torch.Generator seeded by the caller, compares them with minina's own reference on
-random inputs of several shapes and dtypes, and raises CheckFailed with a reason that names the failing case.
-A stub that still raises NotImplementedError (or a value left as `...`) means "not attempted".
+An exercise is a function registered with @exercise(id, names, forbid=...): it receives a Handle per notebook name
+and a torch.Generator seeded by the caller, draws inputs, runs the student's objects through call() (in-process for
+check(), in the kernel for the grader: see probe.py), compares what comes back with minina's own reference, and
+raises CheckFailed with a reason that names the failing case. The verdict is always decided where the exercise
+runs, so the grader's is out of the notebook's reach. A stub that still raises NotImplementedError (or a value left
+as `...`) means "not attempted".
 Tolerances: one per dtype, in TOLERANCES; a value passes when |got - expected| <= tol * (1 + |expected|).
 """
+import copy
 import dataclasses
-import json
 import math
 import os
 from typing import Callable
 
 import torch
 
+from ..scores import NeuralScore
+from . import probe
+
 # Relative-and-absolute tolerance per dtype: float64 results should agree with the reference to round-off of a
 # few dozen operations; float32 allows for a different summation order; half precisions for their 8/11-bit mantissa.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 STATUSES = ("passed", "failed", "not attempted", "error")
-GRADE_MARKER = "MININA-GRADE "  # the grader reads the line of check output that starts with this
 
 
 class CheckFailed(Exception):
     """Why a student's answer is wrong, in words shown to the student (never the solution)."""
 
 
+class GraderError(Exception):
+    """The checks could not run to a verdict (the kernel died, a reply was unreadable): an "error" row."""
+
+
 @dataclasses.dataclass
 class Exercise:
     id: str  # "A1.masked_softmax": assignment, dot, name
     names: tuple  # the notebook names the grader passes to run, in order
-    run: Callable  # run(*objects, generator=...) raises CheckFailed, returns None when passed
+    run: Callable  # run(*handles, generator=...) raises CheckFailed, returns None when passed
     points: int = 1
+    forbid: tuple = ()  # labels of probe.FORBIDDABLE: calls that fail the exercise while the student's code runs
 
     @property
     def assignment(self):
@@ -59,10 +68,18 @@ EXERCISES = {}  # id -> Exercise, filled by minina.assignments.exercises
 _RESULTS = {}  # id -> the latest Result of check() in this session, for passed()
 
 
-def exercise(id, names, points=1):
-    """Register the decorated function as the check of exercise `id` on the notebook objects `names`."""
+def exercise(id, names, points=1, forbid=()):
+    """Register the decorated function as the check of exercise `id` on the notebook objects `names`.
+
+    forbid: the calls (labels of minina.assignments.probe.FORBIDDABLE) that fail the exercise when the student's
+    code makes them, however they were imported.
+    """
+    unknown = set(forbid) - set(probe.FORBIDDABLE)
+    if unknown:
+        raise ValueError(f"exercise {id!r}: forbid names unknown calls {sorted(unknown)}")
+
     def register(run):
-        EXERCISES[id] = Exercise(id, tuple(names), run, points)
+        EXERCISES[id] = Exercise(id, tuple(names), run, points, tuple(forbid))
         return run
     return register
 
@@ -77,31 +94,73 @@ def is_stub(error):
     return isinstance(error, NotImplementedError) or "NotImplementedError" in repr(error) + repr(error.__cause__)
 
 
-def run_exercise(exercise_id, objects, seed=None):
-    """The Result of exercise_id's checks on objects, never raising for a bad answer."""
+class Handle:
+    """A notebook object as a check sees it: call() runs it (in-process here, in the kernel for the grader)."""
+
+    def __init__(self, obj, exercise_id="", forbid=()):
+        self.obj, self.exercise_id, self.forbid = obj, exercise_id, tuple(forbid)
+
+    def reply(self, args, kwargs, observe=None):
+        """The reply dict of probe.execute on copies of the arguments, as the grader would receive it."""
+        args, kwargs = copy.deepcopy((args, kwargs))
+        return restore(probe.execute(self.obj, args, kwargs, self.forbid, observe))
+
+    def value(self):
+        return restore(probe.portable(self.obj))
+
+
+class Opaque:
+    """Stands for an object a student's function returned that is not plain data (its class has that object's
+    type name, so messages name it)."""
+
+    def __repr__(self):
+        return f"<{type(self).__name__} object>"
+
+
+def restore(value):
+    """Plain data from probe.portable back into Python objects: NeuralScores rebuilt, other objects Opaque."""
+    if isinstance(value, dict) and probe.OPAQUE in value:
+        return type(str(value[probe.OPAQUE])[:80], (Opaque,), {})()
+    if isinstance(value, dict) and probe.SCORE in value:
+        try:
+            score = NeuralScore(**value[probe.SCORE])
+            score.load_state_dict(value["state"])
+        except Exception as error:  # options or weights NeuralScore does not accept
+            return type(f"NeuralScore that cannot be rebuilt ({error})"[:120], (Opaque,), {})()
+        return score.to(next(iter(value["state"].values())).dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(restore(x) for x in value)
+    if isinstance(value, dict):
+        return {key: restore(x) for key, x in value.items()}
+    return value
+
+
+def run_exercise(exercise_id, objects, seed=None, handles=None):
+    """The Result of exercise_id's checks on objects (or on handles to them), never raising for a bad answer.
+
+    The verdict is decided here, from what the calls return; handles let the grader run them in another process.
+    """
     if exercise_id not in EXERCISES:
         raise ValueError(f"unknown exercise {exercise_id!r}; known: {', '.join(sorted(EXERCISES))}")
     spec = EXERCISES[exercise_id]
-    if len(objects) != len(spec.names):
+    if handles is None and len(objects) != len(spec.names):
         raise TypeError(f"check({exercise_id!r}, ...) takes {len(spec.names)} object(s), {', '.join(spec.names)}; "
                         f"got {len(objects)}")
     result = Result(exercise_id, "passed", max_points=spec.points, points=spec.points)
-    if any(obj is Ellipsis for obj in objects):
+    if handles is None and any(obj is Ellipsis for obj in objects):
         return dataclasses.replace(result, status="not attempted", points=0)
+    handles = handles or [Handle(obj, exercise_id, spec.forbid) for obj in objects]
     seed = default_seed() if seed is None else seed
     with torch.random.fork_rng(devices=[]):  # the check never moves the notebook's own random stream
         torch.manual_seed(seed)
         try:
-            spec.run(*objects, generator=torch.Generator().manual_seed(seed))
+            spec.run(*handles, generator=torch.Generator().manual_seed(seed))
         except NotImplementedError:
             return dataclasses.replace(result, status="not attempted", points=0)
         except CheckFailed as failure:
             return dataclasses.replace(result, status="failed", message=str(failure), points=0)
-        except Exception as error:  # the student's code failed in a way no case anticipated
-            if is_stub(error):
-                return dataclasses.replace(result, status="not attempted", points=0)
-            return dataclasses.replace(result, status="failed", points=0,
-                                       message=f"raised {type(error).__name__}: {error}")
+        except GraderError as error:
+            return dataclasses.replace(result, status="error", message=str(error), points=0)
     return result
 
 
@@ -120,18 +179,6 @@ def passed(exercise_id):
     return exercise_id in _RESULTS and _RESULTS[exercise_id].passed
 
 
-def grade_in_namespace(exercise_id, namespace, seed):
-    """The grader's probe, run inside the executed notebook: print the Result of exercise_id on namespace's names."""
-    spec = EXERCISES[exercise_id]
-    missing = [name for name in spec.names if name not in namespace]
-    if missing:
-        result = Result(exercise_id, "error", f"{', '.join(missing)} not defined after running the notebook",
-                        max_points=spec.points)
-    else:
-        result = run_exercise(exercise_id, [namespace[name] for name in spec.names], seed)
-    print(GRADE_MARKER + json.dumps(dataclasses.asdict(result)))
-
-
 # ----------------------------------------------------------------------------------------- helpers for checks
 
 
@@ -142,16 +189,29 @@ def random_tensor(shape, dtype, generator, low=None, high=None):
     return (low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)).to(dtype)
 
 
-def call(case, function, *args, **kwargs):
-    """function(*args, **kwargs), with an error other than NotImplementedError reported as a failure of case."""
-    try:
-        return function(*args, **kwargs)
-    except (NotImplementedError, CheckFailed):
-        raise
-    except Exception as error:
-        if is_stub(error):
-            raise NotImplementedError(str(error)) from error
-        raise CheckFailed(f"{case}: raised {type(error).__name__}: {error}") from None
+def call(case, function, *args, observe=None, **kwargs):
+    """The output of function(*args, **kwargs), or (output, observations) when observe is given (see probe.execute).
+
+    function is a Handle to the student's object (or a plain callable of the checker's own). A stub's
+    NotImplementedError propagates; any other error, a forbidden call or a time-out is a CheckFailed naming case.
+    """
+    if not isinstance(function, Handle):
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            raise CheckFailed(f"{case}: raised {type(error).__name__}: {error}") from None
+    reply = function.reply(args, kwargs, observe)
+    if reply["forbidden"]:
+        raise CheckFailed(f"{function.exercise_id} called {', '.join(reply['forbidden'])} ({case}): write it "
+                          f"yourself")
+    error = reply["error"]
+    if error and error["stub"]:
+        raise NotImplementedError(error["message"])
+    if error and error["type"] == "TimeoutError":
+        raise CheckFailed(f"{case}: {error['message']}")
+    if error:
+        raise CheckFailed(f"{case}: raised {error['type']}: {error['message']}")
+    return reply["output"] if observe is None else (reply["output"], reply["observed"])
 
 
 def compare(case, got, expected, what="result", tol=None):
@@ -161,7 +221,8 @@ def compare(case, got, expected, what="result", tol=None):
     if tuple(got.shape) != tuple(expected.shape):
         raise CheckFailed(f"{case}: {what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
     if got.dtype != expected.dtype:
-        raise CheckFailed(f"{case}: {what} has dtype {got.dtype}, expected {expected.dtype} (keep the input dtype)")
+        hint = "a mask is torch.bool" if expected.dtype == torch.bool else "keep the input dtype"
+        raise CheckFailed(f"{case}: {what} has dtype {got.dtype}, expected {expected.dtype} ({hint})")
     if expected.dtype == torch.bool:
         wrong = got != expected
         if wrong.any():
@@ -189,15 +250,26 @@ def compare(case, got, expected, what="result", tol=None):
                                                               if transposed else ""))
 
 
-def gradcheck(case, function, *inputs):
-    """torch.autograd.gradcheck in float64 of function at inputs, reported as a failure of case."""
-    inputs = [t.detach().double().requires_grad_(t.is_floating_point()) for t in inputs]
-    try:
-        ok = torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-5, raise_exception=False)
-    except (NotImplementedError, CheckFailed):
-        raise
-    except Exception as error:
-        raise CheckFailed(f"{case}: autograd failed: {type(error).__name__}: {error}") from None
-    if not ok:
-        raise CheckFailed(f"{case}: the gradient autograd computes through your code disagrees with finite "
-                          f"differences (torch.autograd.gradcheck in float64)")
+def compare_gradients(case, function, reference, args, generator, indices, **kwargs):
+    """Compare the gradients autograd takes through the student's function for args[indices] with reference's."""
+    inputs = [a.detach().clone().requires_grad_() if i in indices else a for i, a in enumerate(args)]
+    expected = reference(*inputs, **kwargs)
+    grad_output = random_tensor(expected.shape, expected.dtype, generator)
+    expected_grads = torch.autograd.grad(expected, [inputs[i] for i in indices], grad_output)
+    _, observed = call(case, function, *args, observe={"grad": (grad_output, list(indices))}, **kwargs)
+    if isinstance(observed["grads"], str):
+        raise CheckFailed(f"{case}: {observed['grads']}")
+    for index, got, wanted in zip(indices, observed["grads"], expected_grads):
+        if got is None:
+            raise CheckFailed(f"{case}: no gradient flows back to argument {index}")
+        compare(case, got, wanted, f"the gradient of argument {index}")
+
+
+def diagnose(failure, got, variants, tol):
+    """failure, or failure naming the usual mistake (a key of variants: name -> tensor) that got equals."""
+    if isinstance(got, torch.Tensor):
+        for name, variant in variants.items():
+            if variant.shape == got.shape and torch.allclose(got.detach().double(), variant.double(), rtol=tol,
+                                                             atol=tol, equal_nan=True):
+                return CheckFailed(f"{failure}; your output equals {name}")
+    return failure

@@ -6,12 +6,11 @@ import math
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import dot_product_attention, reference_neural_attention
 from ..masks import attention_bias, masked_softmax as reference_masked_softmax
 from ..scores import NeuralScore
-from .checks import CheckFailed, call, compare, exercise, gradcheck, random_tensor
+from .checks import TOLERANCES, CheckFailed, call, compare, compare_gradients, diagnose, exercise, random_tensor
 
 ASSIGNMENTS = {
     "A1": ("a1_masked_attention", "Masked softmax and dot-product attention from scratch"),
@@ -32,38 +31,42 @@ def _name(dtype):
 # ------------------------------------------------------------------------------------------------------------ A1
 
 
-@exercise("A1.masked_softmax", ["masked_softmax"])
+ATTENTION_CALLS = ("minina.dot_product_attention", "minina.neural_attention", "minina.triton_kernels",
+                   "minina.MultiHeadAttention", "F.scaled_dot_product_attention", "an aten scaled_dot_product op",
+                   "nn.MultiheadAttention")  # fused or ready-made attention: what no exercise may call
+
+
+@exercise("A1.masked_softmax", ["masked_softmax"], forbid=("minina.masked_softmax", *ATTENTION_CALLS))
 def _check_masked_softmax(masked_softmax, generator):
     for shape, dtype in (((5,), f64), ((3, 7), f32), ((2, 3, 4, 6), f64), ((2, 5, 1), f32)):
         case = f"logits of shape {shape} in {_name(dtype)}"
         x = 3 * random_tensor(shape, dtype, generator)
-        compare(case, call(case, masked_softmax, x.clone()), reference_masked_softmax(x), "weights")
+        compare(case, call(case, masked_softmax, x), reference_masked_softmax(x), "weights")
     x = random_tensor((4, 6), f32, generator) + 1000
     case = "logits around 1000 (exp overflows unless the row maximum is subtracted first)"
-    compare(case, call(case, masked_softmax, x.clone()), reference_masked_softmax(x), "weights")
+    compare(case, call(case, masked_softmax, x), reference_masked_softmax(x), "weights")
     x = random_tensor((3, 4, 8), f64, generator)
     x = x.masked_fill(torch.rand(x.shape, generator=generator) < 0.4, -math.inf)
     x[:, :, 0] = 0.5  # every row keeps one key
     case = "some logits -inf (masked keys must get weight exactly 0)"
-    got = call(case, masked_softmax, x.clone())
+    got = call(case, masked_softmax, x)
     if isinstance(got, torch.Tensor) and got.shape == x.shape:  # the properties first, for a clearer reason
         if (got[torch.isinf(x)] != 0).any():
             raise CheckFailed(f"{case}: a masked key got weight {got[torch.isinf(x)].abs().max().item():.3g}, "
                               f"not exactly 0")
-        sums = got.sum(dim=-1)  # (3, 4)
+        sums = got.double().sum(dim=-1)  # (3, 4)
         if not torch.allclose(sums, torch.ones_like(sums), rtol=0, atol=1e-10):
             raise CheckFailed(f"{case}: a row of weights sums to {sums.flatten()[(sums - 1).abs().argmax()]:.6g}, "
                               f"not 1")
     compare(case, got, reference_masked_softmax(x), "weights")
     x[1, 2] = -math.inf
     case = "a row whose logits are all -inf (its weights must be zeros, not NaN)"
-    compare(case, call(case, masked_softmax, x.clone()), reference_masked_softmax(x), "weights")
-    x = random_tensor((2, 5), f64, generator)
-    before = x.clone()
-    call("logits of shape (2, 5)", masked_softmax, x)
-    if not torch.equal(x, before):
-        raise CheckFailed("logits of shape (2, 5): your function changed its input in place; return a new tensor")
-    gradcheck("gradient, logits of shape (3, 4) in float64", masked_softmax, random_tensor((3, 4), f64, generator))
+    compare(case, call(case, masked_softmax, x), reference_masked_softmax(x), "weights")
+    case, before = "logits of shape (2, 5)", random_tensor((2, 5), f64, generator)
+    if not torch.equal(call(case, masked_softmax, before, observe={"args": True})[1]["args"][0], before):
+        raise CheckFailed(f"{case}: your function changed its input in place; return a new tensor")
+    compare_gradients("gradient with a row of all -inf logits (it must be zeros, not NaN), float64", masked_softmax,
+                      reference_masked_softmax, [x], generator, [0])
 
 
 def _attention_cases(generator):
@@ -88,16 +91,46 @@ def _attention_cases(generator):
     yield ("padding mask combined with is_causal=True, float64", *qkv(2, 2, 7, 7, 4, 4, f64), padding, True)
 
 
-@exercise("A1.attention", ["attention"])
+def _attention_variants(q, k, v, mask, causal):
+    """The usual wrong answers, by the words that name them."""
+    L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
+    variants = {"attention without the 1/sqrt(E) scaling": dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                 is_causal=causal, scale=1.0),
+                "attention scaled by 1/E instead of 1/sqrt(E)": dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=causal, scale=1 / E)}
+    if causal:
+        variants["attention that ignores is_causal"] = dot_product_attention(q, k, v, attn_mask=mask)
+        for diagonal, words in ((0, "one key too few (the diagonal masked)"), (2, "one key too many (the next key "
+                                                                                  "visible)")):
+            shifted = torch.ones(L, S, dtype=torch.bool).tril(diagonal=diagonal - 1)  # (L, S)
+            both = shifted if mask is None else shifted & mask
+            variants[f"attention with the causal mask shifted by one: {words}"] = dot_product_attention(
+                q, k, v, attn_mask=both)
+    if mask is not None:
+        variants["attention that ignores attn_mask"] = dot_product_attention(q, k, v, is_causal=causal)
+        if mask.dtype == torch.bool:
+            variants["attention with the boolean mask inverted (True must mean 'may attend')"] = (
+                dot_product_attention(q, k, v, attn_mask=~mask, is_causal=causal))
+        else:
+            variants["attention that subtracts the float mask instead of adding it"] = dot_product_attention(
+                q, k, v, attn_mask=-mask, is_causal=causal)
+    return variants
+
+
+@exercise("A1.attention", ["attention"], forbid=("minina.masked_softmax", "minina.attention_bias", *ATTENTION_CALLS))
 def _check_attention(attention, generator):
     for case, q, k, v, mask, causal in _attention_cases(generator):
         got = call(case, attention, q, k, v, attn_mask=mask, is_causal=causal)
-        compare(case, got, dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal), "output")
+        try:
+            compare(case, got, dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal), "output")
+        except CheckFailed as failure:
+            raise diagnose(failure, got, _attention_variants(q, k, v, mask, causal), TOLERANCES[q.dtype]) from None
     q, k, v = (random_tensor((1, 2, 4, 3), f64, generator) for _ in range(3))
-    gradcheck("gradient, is_causal=True, float64", lambda q, k, v: attention(q, k, v, is_causal=True), q, k, v)
+    compare_gradients("gradient, is_causal=True, float64", attention, dot_product_attention, [q, k, v], generator,
+                      [0, 1, 2], is_causal=True)
 
 
-@exercise("A1.padding_mask", ["padding_mask"])
+@exercise("A1.padding_mask", ["padding_mask"], forbid=ATTENTION_CALLS)
 def _check_padding_mask(padding_mask, generator):
     for batch, max_len in ((3, 6), (1, 4), (5, 9)):
         lengths = torch.randint(0, max_len + 1, (batch,), generator=generator)
@@ -110,37 +143,24 @@ def _check_padding_mask(padding_mask, generator):
 # ------------------------------------------------------------------------------------------------------------ A2
 
 
-def _count_calls(module):
-    """Forward hooks counting the calls of each submodule; returns (counts dict, hook handles)."""
-    counts, handles = {}, []
-    for name, sub in module.named_modules():
-        if name:
-            counts[name] = 0
-            handles.append(sub.register_forward_hook(
-                lambda module, inputs, output, name=name: counts.__setitem__(name, counts[name] + 1)))
-    return counts, handles
+SCORE_CALLS = ("NeuralScore.logits", "NeuralScore.split", *ATTENTION_CALLS)
 
 
-@exercise("A2.pair_logits", ["pair_logits"])
+@exercise("A2.pair_logits", ["pair_logits"], forbid=SCORE_CALLS)
 def _check_pair_logits(pair_logits, generator):
     for (B, H, L, S, E), options, dtype in (((2, 3, 5, 5, 16), {}, f32), ((1, 2, 4, 7, 8), {"proj_dim": 4}, f64),
                                             ((2, 1, 6, 3, 8), {"proj_dim": 3, "hidden": (5,)}, f64)):
         score = NeuralScore(E, **options).to(dtype)
         q, k = random_tensor((B, H, L, E), dtype, generator), random_tensor((B, H, S, E), dtype, generator)
-        case = f"q {(B, H, L, E)}, k {(B, H, S, E)}, NeuralScore({E}, {score.extra_repr()}), {_name(dtype)}"
-        counts, handles = _count_calls(score)
-        try:
-            got = call(case, pair_logits, q, k, score)
-        finally:
-            for handle in handles:
-                handle.remove()
-        many = {name: n for name, n in counts.items() if n > 1}
+        case = f"q {(B, H, L, E)}, k {(B, H, S, E)}, NeuralScore({score.extra_repr()}), {_name(dtype)}"
+        got, observed = call(case, pair_logits, q, k, score, observe={"calls": 2})
+        many = {name: n for name, n in observed["calls"].items() if n > 1}
         if many:
             name, n = max(many.items(), key=lambda item: item[1])
             raise CheckFailed(f"{case}: score.{name} ran {n} times; build the whole (B, H, L, S, 2P) pair tensor "
                               f"with broadcasting and apply each layer once, without Python loops")
         with torch.no_grad():
-            compare(case, got.detach() if isinstance(got, torch.Tensor) else got, score.logits(q, k), "logits")
+            compare(case, got, score.logits(q, k), "logits")
 
 
 def _score_configs(generator):
@@ -254,17 +274,24 @@ def _scores_and_inputs(generator, B, H, L, S, E, dtype, **options):
     return score, [random_tensor(shape, dtype, generator) for shape in shapes]
 
 
-@exercise("A4.split_first_layer", ["split_first_layer"])
+@exercise("A4.split_first_layer", ["split_first_layer"], forbid=SCORE_CALLS)
 def _check_split(split_first_layer, generator):
     for dims, options, dtype in (((2, 2, 5, 7, 16), {}, f32), ((1, 3, 4, 4, 8), {"proj_dim": 4}, f64)):
         score, (q, k, _) = _scores_and_inputs(generator, *dims, dtype, **options)
-        case = f"q {tuple(q.shape)}, k {tuple(k.shape)}, NeuralScore({dims[-1]}, {score.extra_repr()})"
+        case = f"q {tuple(q.shape)}, k {tuple(k.shape)}, NeuralScore({score.extra_repr()})"
         got = call(case, split_first_layer, q, k, score)
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             raise CheckFailed(f"{case}: return the pair (A, Bk), got {type(got).__name__}")
-        A, Bk, _ = score.split(q, k)
-        compare(case, got[0], A.detach(), "A")
-        compare(case, got[1], Bk.detach(), "Bk")
+        with torch.no_grad():
+            A, Bk, _ = score.split(q, k)
+            bias = score.linears()[0].bias  # (h1,) belongs to A alone
+        for what, value, expected, variants in (("A", got[0], A, {"A without the first layer's bias": A - bias}),
+                                                ("Bk", got[1], Bk, {"Bk with the first layer's bias added (it "
+                                                                    "belongs to A alone)": Bk + bias})):
+            try:
+                compare(case, value, expected, what)
+            except CheckFailed as failure:
+                raise diagnose(failure, value, variants, TOLERANCES[dtype]) from None
 
 
 def _reference_with_logsumexp(q, k, v, score, is_causal):
@@ -288,30 +315,47 @@ def _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_blo
         raise
 
 
-@exercise("A4.online_attention", ["online_attention"])
+PADDING = 1e6  # a key whose first feature is PADDING is padding for LeadingPaddingScore
+
+
+class LeadingPaddingScore(NeuralScore):
+    """A NeuralScore that scores padding keys (first feature PADDING) -inf: a row whose first key block is all
+    padding keeps the running maximum at -inf, the case the online softmax must guard."""
+
+    def logits(self, q, k):
+        padded = k[..., 0] >= PADDING  # (..., S)
+        return super().logits(q, k).masked_fill(padded[..., None, :], -math.inf)  # (..., L, S)
+
+
+def _online_cases(generator):
+    """(score, q, k, v, is_causal, words) for A4.online_attention."""
+    options = dict(proj_dim=4, hidden=(8,), init="kaiming")  # logits that vary from key to key: the maximum moves
+    for dims, dtype, causal in (((1, 2, 6, 10, 8), f64, False), ((2, 1, 5, 9, 8), f32, False),
+                                ((1, 2, 8, 8, 8), f64, True)):
+        yield (*_scores_and_inputs(generator, *dims, dtype, **options), causal, "")
+    score, (q, k, v) = _scores_and_inputs(generator, 1, 2, 5, 9, 8, f64, **options)
+    k[..., :4, 0] = PADDING
+    padded = LeadingPaddingScore(8, **options).to(f64)
+    padded.load_state_dict(score.state_dict())
+    yield padded, (q, k, v), False, ", the first 4 keys score -inf (every query's first blocks are fully masked)"
+
+
+@exercise("A4.online_attention", ["online_attention"], forbid=("minina.masked_softmax", *ATTENTION_CALLS))
 def _check_online_attention(online_attention, generator):
-    plain_logits = NeuralScore.logits
-    cases = [((1, 2, 6, 10, 8), f64, False), ((2, 1, 5, 9, 8), f32, False), ((1, 2, 8, 8, 8), f64, True)]
-    for dims, dtype, causal in cases:
-        # one hidden layer and kaiming init: logits that vary from key to key, so the running maximum moves
-        score, (q, k, v) = _scores_and_inputs(generator, *dims, dtype, proj_dim=4, hidden=(8,), init="kaiming")
+    for score, (q, k, v), causal, words in _online_cases(generator):
         with torch.no_grad():
             expected_out, expected_lse = _reference_with_logsumexp(q, k, v, score, causal)
-        S = dims[3]
-        widest = []
-        score.logits = lambda q_, k_: (widest.append(k_.shape[-2]), plain_logits(score, q_, k_))[1]
-        single_block_ok = False
+        S, single_block_ok = k.shape[-2], False
         for block_size in (S, 1, 3, 4):
             blocks = -(-S // block_size)
-            case = (f"q {tuple(q.shape)}, k {tuple(k.shape)}, {_name(dtype)}, is_causal={causal}, block_size "
-                    f"{block_size} ({blocks} key block{'s' if blocks > 1 else ''})")
-            widest.clear()
-            with torch.no_grad():
-                got = call(case, online_attention, q, k, v, score, block_size, is_causal=causal)
-            if widest and max(widest) > block_size:
-                raise CheckFailed(f"{case}: score.logits was called on {max(widest)} keys at once; score one key "
-                                  f"block of at most block_size keys at a time")
-            _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok,
+            case = (f"q {tuple(q.shape)}, k {tuple(k.shape)}, {_name(q.dtype)}, is_causal={causal}, block_size "
+                    f"{block_size} ({blocks} key block{'s' if blocks > 1 else ''}){words}")
+            got, observed = call(case, online_attention, q, k, v, score, block_size, is_causal=causal,
+                                 observe={"widths": True})
+            if observed["widths"] and max(observed["widths"]) > block_size:
+                raise CheckFailed(f"{case}: the score was applied to {max(observed['widths'])} keys at once; score "
+                                  f"one key block of at most block_size keys at a time")
+            _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok and not words,
                                        "rescale the running sum and the accumulator by exp(m_old - m_new)")
             single_block_ok = True
 
@@ -339,7 +383,10 @@ def _tile_case(bl, bs, h1, h2, Ev, dtype):
     return f"tile bl={bl}, bs={bs}, h1={h1}, h2={h2}, Ev={Ev}, {_name(dtype)}"
 
 
-@exercise("A5.softmax_backward", ["softmax_backward"])
+BACKWARD_CALLS = ("autograd (backward or torch.autograd.grad)", *ATTENTION_CALLS)  # "by hand" means by hand
+
+
+@exercise("A5.softmax_backward", ["softmax_backward"], forbid=BACKWARD_CALLS)
 def _check_softmax_backward(softmax_backward, generator):
     for shape in TILE_SHAPES:
         t, case = _tile(generator, *shape), _tile_case(*shape)
@@ -354,7 +401,7 @@ def _check_softmax_backward(softmax_backward, generator):
         compare(case, got[1], logits.grad, "grad_logits")
 
 
-@exercise("A5.mlp_backward", ["mlp_backward"])
+@exercise("A5.mlp_backward", ["mlp_backward"], forbid=BACKWARD_CALLS)
 def _check_mlp_backward(mlp_backward, generator):
     names = ("A", "Bk", "W2", "b2", "W3", "b3")
     for shape in TILE_SHAPES:
@@ -464,6 +511,7 @@ def _check_conclude(conclude, generator):
 
 @exercise("A6.report", ["results", "summary", "conclusion", "train_one"], points=2)
 def _check_report(results, summary, conclusion, train_one, generator):
+    results, summary, conclusion = results.value(), summary.value(), conclusion.value()
     if results is None or summary is None or conclusion is None:
         raise NotImplementedError("A6.report")
     if not isinstance(results, dict) or set(results) != {"dot", "hybrid"}:
@@ -500,7 +548,7 @@ def _check_report(results, summary, conclusion, train_one, generator):
 # ------------------------------------------------------------------------------------------------------------ A7
 
 
-@exercise("A7.triton_attention", ["triton_attention"])
+@exercise("A7.triton_attention", ["triton_attention"], forbid=ATTENTION_CALLS)
 def _check_triton_attention(triton_attention, generator):
     B, H, L, S, E = 1, 2, 37, 45, 16  # lengths that are not multiples of the blocks: the edges need masks
     q, k, v = (random_tensor((B, H, n, E), f32, generator) for n in (L, S, S))
