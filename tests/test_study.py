@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from minina.study import (CURVE_EVERY, DEFAULT_VARIANTS, VARIANTS, format_table, plot_study, run_study, steps_to,
+from minina.study import (CURVE_EVERY, DEFAULT_VARIANTS, PROBES, VARIANTS, format_table, plot_study, run_study, steps_to,
                           summarize, wilson_interval)
 from minina.tasks import TASKS, AttentionProbe, train_probe
 
@@ -28,7 +28,7 @@ RELATIONS = {  # independent reference: the key each task selects, one (query, k
 }
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name", sorted(PROBES))
 def test_task_targets_match_brute_force(name):
     queries, keys, values, target = TASKS[name](16, 6, generator=torch.Generator().manual_seed(0))
     assert values.shape == (16, 6, 1) and target.shape == (16, 1, 1) and keys.shape[:2] == (16, 6)
