@@ -354,12 +354,13 @@ def plot_study(rows, summary, path):
                 axis.axhline(summary[task]["escape_threshold"], color="red", linestyle=":", linewidth=1)
             axis.set_yscale("log")
         top.set_xticks(range(len(variants)), variants, rotation=35, ha="right", fontsize=8)
-        top.set_title(f"{task} ({family(task)})\nabove each column: escaped (red dotted line), within margin (gray "
-                      "dashed)", fontsize=8, pad=22)
+        top.set_title(f"{task} ({family(task)})", fontsize=9, pad=24)
         top.set_ylabel("test MSE per seed (log)")
         bottom.set_xlabel("training step")
         bottom.set_ylabel("median training loss over seeds (log)")
     axes[1, 0].legend(fontsize=8)
+    fig.suptitle("above each column: seeds escaped (below the red dotted line: half the best dot-product run)\n"
+                 "and seeds within the margin (below the gray dashed line)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
