@@ -35,11 +35,14 @@ class NeuralScore(nn.Module):
     biases of the hidden layers to b (b > 0: units start on for most pairs); hidden="wide" (more units to keep
     alive, no kernel change); residual=True adds the scaled dot product, s = MLP(...) + q_i . k_j / sqrt(head_dim),
     and zeroes the MLP's last layer so training starts from dot-product attention (one extra dot product per
-    pair; the reference and chunked backends implement it). See RELIABLE_SCORE_OPTIONS for the study's pick.
+    pair; the reference and chunked backends implement it). zero_last sets that zero init apart: True zeroes the
+    MLP's last layer (the default with residual=True; without it, training starts from uniform attention), False
+    keeps its random init (with residual=True the MLP then adds a random score from the first step, and its hidden
+    layers get gradients at once). See RELIABLE_SCORE_OPTIONS for the study's pick.
     """
 
     def __init__(self, head_dim, proj_dim=None, hidden=None, activation="relu", init="paper", learn_scale=False,
-                 scale_init=None, bias_init=None, residual=False):
+                 scale_init=None, bias_init=None, residual=False, zero_last=None):
         super().__init__()
         if not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
@@ -68,11 +71,15 @@ class NeuralScore(nn.Module):
             raise ValueError(f"bias_init must be a finite number or None, got {bias_init!r}")
         if not isinstance(residual, bool):
             raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
+        if zero_last is not None and not isinstance(zero_last, bool):
+            raise TypeError(f"zero_last must be a bool or None, got {type(zero_last).__name__}")
+        zero_last = residual if zero_last is None else zero_last
         scale_init = 5.0 if scale_init is None else scale_init
         if isinstance(scale_init, bool) or not isinstance(scale_init, (int, float)) or not 0 < scale_init < math.inf:
             raise ValueError(f"scale_init must be a positive finite number, got {scale_init!r}")
         self.head_dim, self.proj_dim, self.hidden, self.activation = head_dim, proj_dim, hidden, activation
         self.init, self.learn_scale, self.bias_init, self.residual = init, learn_scale, bias_init, residual
+        self.zero_last = zero_last
         self.q_proj = nn.Linear(head_dim, proj_dim)
         self.k_proj = nn.Linear(head_dim, proj_dim)
         widths = (2 * proj_dim, *hidden, 1)
@@ -89,7 +96,7 @@ class NeuralScore(nn.Module):
         if bias_init is not None:  # hidden units start on for most pairs
             for layer in self.linears()[:-1]:
                 nn.init.constant_(layer.bias, float(bias_init))
-        if residual:  # the MLP starts at 0, so attention starts as scaled dot-product attention
+        if zero_last:  # the MLP starts at 0: attention starts as scaled dot-product attention (or uniform)
             nn.init.zeros_(self.linears()[-1].weight)
             nn.init.zeros_(self.linears()[-1].bias)
         if learn_scale:
@@ -99,7 +106,8 @@ class NeuralScore(nn.Module):
         options = "".join([f", init={self.init!r}" if self.init != "paper" else "",
                            ", learn_scale=True" if self.learn_scale else "",
                            f", bias_init={self.bias_init!r}" if self.bias_init is not None else "",
-                           ", residual=True" if self.residual else ""])
+                           ", residual=True" if self.residual else "",
+                           f", zero_last={self.zero_last}" if self.zero_last != self.residual else ""])
         return (f"head_dim={self.head_dim}, proj_dim={self.proj_dim}, hidden={self.hidden}, "
                 f"activation={self.activation!r}{options}")
 

@@ -7,6 +7,7 @@ import torch
 import minina
 from minina import MultiHeadAttention, NeuralScore, neural_attention
 from minina.chunked import chunked_neural_attention, default_block_size
+from minina.study import VARIANTS
 
 
 def make_mask(kind, batch, L, S, dtype):
@@ -231,3 +232,14 @@ def test_default_block_size_fits_the_tile_budget():
     assert default_block_size(1024, 16, 4096, 4096) == 16  # never below 16 rows
     assert default_block_size(1, 1, 4096, 4096) == 256  # never above 256 rows
     assert default_block_size(1, 1, 10, 3) == 10  # never longer than the sequences
+
+
+@pytest.mark.parametrize("variant", [v for v, options in VARIANTS.items() if options])
+def test_every_study_variant_equals_reference(variant):
+    """Each option set the learnability study trains (residual, zero_last, ...) works in the chunked backend."""
+    score = NeuralScore(8, proj_dim=3, **VARIANTS[variant]).double()
+    with torch.no_grad():
+        for parameter in score.linears()[-1].parameters():  # zero at init for residual scores: exercise every path
+            parameter.normal_()
+    q, k, v = random_inputs((2, 2, 7, 8), (2, 2, 9, 8), (2, 2, 9, 3))
+    assert_same(q, k, v, score, make_mask("bool", (2, 2), 7, 9, None), True, block_l=4, block_s=4)

@@ -153,6 +153,21 @@ def test_residual_score_is_the_scaled_dot_product_plus_the_mlp():
         score.split(q, k)
 
 
+def test_zero_last_sets_the_zero_init_apart_from_residual():
+    q, k = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    dot = torch.einsum("ble,bse->bls", q, k) / 4.0  # sqrt(16)
+    torch.manual_seed(0)
+    random_mlp = NeuralScore(16, 4, residual=True, zero_last=False)
+    assert random_mlp.linears()[-1].weight.abs().sum() > 0  # the MLP keeps its random init
+    torch.manual_seed(0)
+    plain = NeuralScore(16, 4)  # same seed, same draws: the same MLP without the dot product
+    torch.testing.assert_close(random_mlp.state_dict(), plain.state_dict())
+    torch.testing.assert_close(random_mlp.logits(q, k), plain.logits(q, k) + dot)
+    flat = NeuralScore(16, 4, zero_last=True)  # no residual: a constant score, uniform attention at init
+    assert torch.equal(flat.logits(q, k), torch.zeros(2, 5, 7))
+    assert NeuralScore(16, 4, residual=True).zero_last and not NeuralScore(16, 4).zero_last
+
+
 def test_options_pass_through_models():
     lm = minina.TransformerLM(vocab_size=11, dim=32, depth=2, heads=2, max_seq_len=8, attention="neural",
                               score_options={"init": "kaiming", "learn_scale": True})
@@ -173,6 +188,9 @@ def test_repr_names_the_options():
     assert "init='kaiming', learn_scale=True" in repr(NeuralScore(64, init="kaiming", learn_scale=True))
     assert "bias_init=0.5, residual=True" in repr(NeuralScore(64, bias_init=0.5, residual=True))
     assert "hidden=(2, 2)" in repr(NeuralScore(64, hidden="wide"))
+    assert "zero_last" not in repr(NeuralScore(64, residual=True))
+    assert "residual=True, zero_last=False" in repr(NeuralScore(64, residual=True, zero_last=False))
+    assert "zero_last=True" in repr(NeuralScore(64, zero_last=True))
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -191,6 +209,7 @@ def test_repr_names_the_options():
     ({"bias_init": True}, ValueError, "bias_init must be a finite number or None"),
     ({"bias_init": "0.5"}, ValueError, "bias_init must be a finite number or None"),
     ({"residual": 1}, TypeError, "residual must be a bool"),
+    ({"zero_last": 0}, TypeError, "zero_last must be a bool or None"),
 ])
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-from minina.study import (CURVE_EVERY, DEFAULT_VARIANTS, VARIANTS, format_table, plot_study, run_study, steps_to,
-                          summarize, wilson_interval)
+from minina.study import (CURVE_EVERY, DEFAULT_VARIANTS, ESCAPE_FACTOR, HELD_OUT, PROBES, SUMMARY_FIELDS, VARIANTS,
+                          dot_floor_estimate, format_table, plot_study, run_study, steps_to, summarize, summary_rows,
+                          task_keys, wilson_interval)
 from minina.tasks import TASKS, AttentionProbe, train_probe
 
 
@@ -28,7 +29,7 @@ RELATIONS = {  # independent reference: the key each task selects, one (query, k
 }
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name", sorted(PROBES))
 def test_task_targets_match_brute_force(name):
     queries, keys, values, target = TASKS[name](16, 6, generator=torch.Generator().manual_seed(0))
     assert values.shape == (16, 6, 1) and target.shape == (16, 1, 1) and keys.shape[:2] == (16, 6)
@@ -37,6 +38,62 @@ def test_task_targets_match_brute_force(name):
         xq = queries[b, 0].tolist()
         best = max(range(6), key=lambda j: RELATIONS[name](xq, keys[b, j].tolist()))
         assert target[b, 0, 0] == values[b, best, 0]
+
+
+def held_out_reference(name, xq, keys):
+    """Independent reference for a held-out task: the indices of the keys whose values the target averages."""
+    distance = [sum((a - b) ** 2 for a, b in zip(xq[: len(key)], key)) ** 0.5 for key in keys]
+    if name == "ball_mean":
+        inside = [j for j, d in enumerate(distance) if d <= xq[1]]
+        return inside or [min(range(len(keys)), key=lambda j: distance[j])]
+    if name == "annulus_2d":
+        inside = [j for j, d in enumerate(distance) if 0.3 <= d <= 0.7]
+        return inside or [min(range(len(keys)), key=lambda j: abs(distance[j] - 0.5))]
+    if name == "k_nearest":
+        return sorted(range(len(keys)), key=lambda j: distance[j])[:3]
+    return [min(range(len(keys)), key=lambda j: distance[j])]  # nearest_3d
+
+
+@pytest.mark.parametrize("name", sorted(HELD_OUT))
+def test_held_out_targets_match_brute_force(name):
+    S = HELD_OUT[name]
+    queries, keys, values, target = TASKS[name](32, S, generator=torch.Generator().manual_seed(0))
+    assert values.shape == (32, S, 1) and target.shape == (32, 1, 1) and keys.shape[:2] == (32, S)
+    assert queries.shape[:2] == (32, 1) and keys.abs().max() <= 1 and queries[..., 0].abs().max() <= 1
+    for b in range(32):
+        chosen = held_out_reference(name, queries[b, 0].tolist(), keys[b].tolist())
+        expected = sum(values[b, j, 0].item() for j in chosen) / len(chosen)
+        assert target[b, 0, 0].item() == pytest.approx(expected, abs=1e-6)
+    if name == "ball_mean":  # the query carries its radius, in [0.1, 0.5]
+        assert 0.1 <= queries[..., 1].min() and queries[..., 1].max() <= 0.5
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_tasks_are_deterministic_per_seed_and_take_fixed_queries(name):
+    draw = lambda seed: TASKS[name](8, 6, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(draw(3), draw(3)))
+    assert not torch.equal(draw(3)[1], draw(4)[1])
+    queries = draw(5)[0]
+    fixed = TASKS[name](8, 6, generator=torch.Generator().manual_seed(6), queries=queries)
+    assert fixed[0] is queries
+    with pytest.raises(ValueError, match="queries must have shape"):
+        TASKS[name](8, 6, queries=queries[:4])
+
+
+def test_held_out_family_is_apart_from_the_probes():
+    assert set(PROBES) | set(HELD_OUT) == set(TASKS) and not set(PROBES) & set(HELD_OUT)
+    assert len(HELD_OUT) >= 4 and ESCAPE_FACTOR == 0.5 and task_keys("ball_mean") == HELD_OUT["ball_mean"]
+
+
+def test_dot_floor_estimate_is_a_floor():
+    """The control is within a dot head's reach; every other task is not, and a trained dot head stays above it."""
+    assert dot_floor_estimate("extreme_key", 8, queries=32, draws=64) < 0.02
+    for name, keys in {"nearest_key": 8, **HELD_OUT}.items():
+        floor = dot_floor_estimate(name, keys, queries=32, draws=64)
+        zero = TASKS[name](4096, keys, generator=torch.Generator().manual_seed(1))[3].pow(2).mean().item()
+        assert 0.3 * zero < floor < zero  # well above 0: out of a dot head's reach, below predicting 0
+        trained = train_probe("dot", 0, steps=300, num_keys=keys, task=name, test_size=2048)["test_mse"]
+        assert trained >= 0.9 * floor, (name, trained, floor)
 
 
 def test_control_task_is_affine_in_the_key():
@@ -98,8 +155,33 @@ def test_wilson_interval_errors_and_summary_field():
     assert stats["interval"] == wilson_interval(2, 3) and "0.21-0.94" in format_table(summarize(rows))
 
 
-def test_default_variants_are_known_and_keep_the_baselines():
-    assert set(DEFAULT_VARIANTS) <= set(VARIANTS) and {"dot", "paper", "kaiming", "gelu"} <= set(DEFAULT_VARIANTS)
+def test_default_variants_are_known_and_keep_the_baselines_and_candidates():
+    assert set(DEFAULT_VARIANTS) <= set(VARIANTS)
+    assert {"dot", "paper", "wide+gelu", "residual", "residual+wide+gelu"} <= set(DEFAULT_VARIANTS)
+
+
+def test_escape_precision_and_stalls_on_synthetic_errors():
+    rows = [{"task": task, "variant": v, "seed": s, "steps": CURVE_EVERY, "test_mse": e, "curve": "0.1"}
+            for task in ("ring_key", "ball_mean")
+            for v, errors in [("dot", [0.8, 0.6, 0.9]), ("a", [0.05, 0.29, 0.31]), ("b", [0.95, 0.02, 0.2])]
+            for s, e in enumerate(errors)]
+    summary = summarize(rows, margin=0.05)
+    entry = summary["ball_mean"]
+    assert entry["dot_best"] == 0.6 and entry["escape_threshold"] == pytest.approx(0.3) and entry["dot"] == 0.8
+    a, b = entry["variants"]["a"], entry["variants"]["b"]
+    assert (a["escapes"], b["escapes"], entry["variants"]["dot"]["escapes"]) == (2, 2, 0)  # 0.31 > 0.3 does not
+    assert a["escape_interval"] == wilson_interval(2, 3)
+    assert a["distances"] == pytest.approx([0.03, 0.27, 0.29]) and b["median_distance"] == pytest.approx(0.18)
+    assert (a["successes"], b["successes"]) == (1, 1)  # within best 0.02 + 0.05
+    assert (a["stalls"], b["stalls"]) == (0, 1)  # b's 0.95 is worse than the median dot run
+    table = format_table(summary)
+    assert table.index("ring_key") < table.index("Held-out family") < table.index("ball_mean")
+    assert "2/3 (0.21-0.94)" in table and "0.5 x best dot run = 0.300" in table
+    rows_out = summary_rows(summary)
+    assert [r["family"] for r in rows_out] == ["probes"] * 3 + ["held-out"] * 3
+    assert all(set(r) == set(SUMMARY_FIELDS) for r in rows_out) and rows_out[4]["errors"] == "0.05000 0.29000 0.31000"
+    no_dot = summarize([row for row in rows if row["variant"] != "dot"])["ring_key"]
+    assert no_dot["escape_threshold"] is None and no_dot["variants"]["a"]["escapes"] is None
 
 
 def test_run_study_writes_resumes_and_plots(tmp_path):
@@ -115,6 +197,14 @@ def test_run_study_writes_resumes_and_plots(tmp_path):
     with open(path, newline="") as f:
         assert len(list(csv.DictReader(f))) == 4  # nothing retrained, nothing appended twice
     assert sorted(r["test_mse"] for r in again) == pytest.approx(sorted(r["test_mse"] for r in rows), abs=1e-6)
+    with open(path, "a") as f:
+        f.write("extreme_key,dot,2,50,8,8,0.5")  # a run killed while its row was written: no newline, no curve
+    with pytest.warns(UserWarning, match="skipping 1 incomplete row"):
+        third = run_study(["extreme_key"], ["dot"], seeds=3, steps=CURVE_EVERY, csv_path=path, workers=1,
+                          progress=False)
+    assert sorted(r["seed"] for r in third) == [0, 1, 2]
+    with open(path, newline="") as f:  # seed 2 trained again, on a line of its own
+        assert [row["seed"] for row in csv.DictReader(f) if row["curve"]] == ["0", "0", "1", "1", "2"]
     plot_study(again, summarize(again), tmp_path / "results.png")
     assert (tmp_path / "results.png").stat().st_size > 0
 
@@ -136,3 +226,16 @@ def test_cli_prints_table_and_writes_files(tmp_path):
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("nearest_key ")]
     assert [row[1] for row in rows] == ["dot", "paper"]
     assert (tmp_path / "results.csv").exists() and (tmp_path / "results.png").exists()
+    assert (tmp_path / "summary.csv").exists() and "Held-out family" not in result.stdout
+
+
+def test_cli_held_out_runs_the_family_apart(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "minina", "study-learnability", "--held-out", "--seeds", "1",
+                             "--steps", str(CURVE_EVERY), "--variants", "dot", "--workers", "1", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Held-out family" in result.stdout
+    assert [line.split()[0] for line in result.stdout.splitlines() if line.split()[1:2] == ["dot"]] == list(HELD_OUT)
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert {(row["task"], int(row["num_keys"])) for row in csv.DictReader(f)} == set(HELD_OUT.items())
+    assert (tmp_path / "summary-held-out.csv").exists() and (tmp_path / "results-held-out.png").exists()
