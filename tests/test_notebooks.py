@@ -149,6 +149,7 @@ def test_notebook_structure(path):
 def test_readme_lists_notebook_with_colab_link(path):
     lines = [line for line in readme_notebooks_section().splitlines() if colab_link(path.name) in line]
     assert len(lines) == 1, f"README's Notebooks section needs one line with the Colab link {colab_link(path.name)}"
+    assert "Asserts: " in lines[0], f"README's line for {path.name} should say which claims it asserts ('Asserts: ...')"
 
 
 def _good_notebook():
