@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import chunked_neural_attention
+from .compiled import (CompileError, compiled_neural_attention, fallback_warning, pays_off, record_failure,
+                       unavailable_reason)
 from .masks import attention_bias, masked_softmax
 from .scores import NeuralScore
 
-BACKENDS = ("auto", "reference", "chunked", "triton")
+BACKENDS = ("auto", "reference", "chunked", "compiled", "triton")
 
 
 def _no_positional(signature, args):
@@ -137,7 +139,7 @@ def triton_neural_attention(q, k, v, score, attn_mask=None, is_causal=False):
 
 
 _IMPLEMENTATIONS = {"reference": reference_neural_attention, "chunked": chunked_neural_attention,
-                    "triton": triton_neural_attention}
+                    "compiled": compiled_neural_attention, "triton": triton_neural_attention}
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,16 +155,28 @@ def resolve_backend(backend, q, v=None, score=None, attn_mask=None):
     """The concrete backend name that `backend` means for tensors like q ("auto" picks the best available).
 
     "auto" is "triton" for CUDA tensors when triton imports and, if v and score are given, the kernels support
-    them (minina.triton_kernels.supports); "chunked" otherwise.
+    them (minina.triton_kernels.supports). For CPU tensors it is "compiled" when v and score are given, the call is
+    big enough for compiled tiles to pay off (minina.compiled.pays_off) and torch.compile works here (not with
+    MININA_COMPILE=0; without a C++ compiler or after a failed compile it warns once, naming the reason).
+    "chunked" otherwise.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if q.device.type != "cuda" or not _triton_imports():
+    if backend != "auto":
+        return backend
+    if q.device.type == "cuda":
+        if not _triton_imports():
             return "chunked"
         from .triton_kernels import supports
         return "triton" if v is None or score is None or supports(q, v, score, attn_mask) else "chunked"
-    return backend
+    if q.device.type != "cpu" or v is None or score is None or not pays_off(q, v):
+        return "chunked"
+    reason = unavailable_reason()
+    if reason is None:
+        return "compiled"
+    if reason != "MININA_COMPILE=0":  # the user's own choice needs no warning
+        fallback_warning(reason)
+    return "chunked"
 
 
 def neural_attention(q, k, v, score, attn_mask=None, *args, is_causal=False, backend="auto"):
@@ -170,14 +184,21 @@ def neural_attention(q, k, v, score, attn_mask=None, *args, is_causal=False, bac
 
     q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev); the same masks as dot_product_attention.
     backend: "reference" materializes the (..., L, S, 2P) pair tensor as the paper does; "chunked" walks key
-    blocks with an online softmax in O(L + S) memory (minina.chunked); "triton" runs the same algorithm as fused
-    GPU kernels (minina.triton_kernels); "auto" picks the best backend available for q's device.
+    blocks with an online softmax in O(L + S) memory (minina.chunked); "compiled" runs chunked's algorithm with
+    each tile fused by torch.compile (minina.compiled, for CPUs); "triton" runs it as fused GPU kernels
+    (minina.triton_kernels); "auto" picks the best backend available for q's device (see resolve_backend).
     """
     _no_positional("neural_attention(q, k, v, score, attn_mask, is_causal=..., backend=...)", args)
     _check_inputs(q, k, v, attn_mask)
     _check_score(score, q)
-    implementation = _IMPLEMENTATIONS[resolve_backend(backend, q, v, score, attn_mask)]
-    return implementation(q, k, v, score, attn_mask, is_causal)
+    name = resolve_backend(backend, q, v, score, attn_mask)
+    if name == "compiled" and backend == "auto":
+        try:
+            return compiled_neural_attention(q, k, v, score, attn_mask, is_causal)
+        except CompileError as error:  # from now on "auto" runs chunked, and says so once
+            record_failure(str(error))
+            name = "chunked"
+    return _IMPLEMENTATIONS[name](q, k, v, score, attn_mask, is_causal)
 
 
 def attention_weights(q, k, score=None, attn_mask=None, *args, is_causal=False, scale=None):

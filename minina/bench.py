@@ -2,7 +2,8 @@
 
 Method. Every (backend, pass, N) case runs in a fresh Python process, so no case inherits another's allocations.
 Inside it: build q, k, v (B, H, N, E) with requires_grad, the NeuralScore and a fixed output gradient; run the
-backend once at N=16 so one-time library set-up is not counted (triton also once at N: it autotunes per shape);
+backend once at N=16 so one-time library set-up is not counted (compiled at min(N, 256), which compiles the
+block size N uses; triton also once at N: it autotunes per shape);
 reset the peak counter; run the pass once; peak extra memory = peak - memory in use at the reset. A "fwd+bwd" pass
 is forward then backward, and its peak includes the output and the input gradients; a "fwd" pass is the forward
 alone under torch.no_grad (inference).
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from .attention import neural_attention
 from .scores import NeuralScore
 
-HELP = "time and peak memory of reference, chunked (and triton on GPU) neural attention against SDPA"
+HELP = "time and peak memory of reference, chunked, compiled (and triton on GPU) neural attention against SDPA"
 
 
 def _sdpa(q, k, v, score, is_causal):
@@ -52,6 +53,7 @@ BACKENDS = {
     "sdpa": (_sdpa, ("cpu", "cuda")),
     "reference": (functools.partial(_neural, backend="reference"), ("cpu", "cuda")),
     "chunked": (functools.partial(_neural, backend="chunked"), ("cpu", "cuda")),
+    "compiled": (functools.partial(_neural, backend="compiled"), ("cpu",)),
     "triton": (functools.partial(_neural, backend="triton"), ("cuda",)),
 }
 DEFAULT_MAX_N = {"reference": 2048}  # its (B, H, N, N, 2P) pair tensor takes ~6 GB at N=4096 with our defaults
@@ -59,6 +61,7 @@ MIB = 2 ** 20
 TIME_BUDGET_S = 2.0  # no further timed runs once a case has run this long
 PASSES = ("fwd", "fwd+bwd")
 TUNED_PER_SHAPE = ("triton",)  # backends whose first call at a new N autotunes: warmed up at N too
+WARM_UP_N = {"compiled": 256}  # compiles per block size, the same for every N >= 256: warmed up at min(N, 256)
 CHECK_NS = (1024, 2048, 4096, 8192, 16384)
 CHECK_BACKENDS = ("sdpa", "triton", "chunked")
 TRITON_TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_triton.py"
@@ -125,7 +128,7 @@ def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_di
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    run(*inputs(16))  # library set-up (thread pools, kernels) is not part of the measurement
+    run(*inputs(min(n, WARM_UP_N[backend]) if backend in WARM_UP_N else 16))  # library set-up, compiling: not measured
     tensors = inputs(n)
     if backend in TUNED_PER_SHAPE:
         run(*tensors)  # nor is autotuning for this shape

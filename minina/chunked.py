@@ -175,15 +175,9 @@ class ChunkedNeuralAttention(torch.autograd.Function):
                 *grads_rest)
 
 
-def chunked_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, block_l=None, block_s=None):
-    """neural_attention(..., backend="chunked"): the same result and gradients as the reference in O(N) memory.
-
-    q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev), masks as in neural_attention (which validates
-    the tensors and dispatches here). block_l / block_s: query / key rows per tile (default: default_block_size).
-    """
-    for name, block in (("block_l", block_l), ("block_s", block_s)):
-        if block is not None and (not isinstance(block, int) or block < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {block!r}")
+def split_inputs(q, k, v, score, attn_mask):
+    """What the tile backends take: A, Bk, v, q_dot, k_dot broadcast to the batch dims, the mask with as many dims
+    as v, and the flat list of the remaining MLP layers' parameters (W2, b2, ..., Wn, bn), via score.split."""
     A, Bk, rest, dot = score.split(q, k, dot_term=True)  # (..., L, h1), (..., S, h1)
     batch = torch.broadcast_shapes(A.shape[:-2], Bk.shape[:-2], v.shape[:-2])
     L, S, width = A.shape[-2], Bk.shape[-2], A.shape[-1]
@@ -193,6 +187,19 @@ def chunked_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *,
                                                      dot[1].expand(*batch, S, dot[1].shape[-1]))  # (..., L|S, E)
     if attn_mask is not None:
         attn_mask = attn_mask.reshape((1,) * (len(batch) + 2 - attn_mask.dim()) + attn_mask.shape)  # (..., L|1, S|1)
-    default = default_block_size(math.prod(batch), max(score.hidden), L, S)
+    return A, Bk, v, q_dot, k_dot, attn_mask, [t for layer in rest for t in layer]
+
+
+def chunked_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, block_l=None, block_s=None):
+    """neural_attention(..., backend="chunked"): the same result and gradients as the reference in O(N) memory.
+
+    q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev), masks as in neural_attention (which validates
+    the tensors and dispatches here). block_l / block_s: query / key rows per tile (default: default_block_size).
+    """
+    for name, block in (("block_l", block_l), ("block_s", block_s)):
+        if block is not None and (not isinstance(block, int) or block < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {block!r}")
+    A, Bk, v, q_dot, k_dot, attn_mask, rest_params = split_inputs(q, k, v, score, attn_mask)
+    default = default_block_size(math.prod(v.shape[:-2]), max(score.hidden), A.shape[-2], Bk.shape[-2])
     return ChunkedNeuralAttention.apply(A, Bk, v, q_dot, k_dot, attn_mask, is_causal, score.activation,
-                                        block_l or default, block_s or default, *[t for layer in rest for t in layer])
+                                        block_l or default, block_s or default, *rest_params)

@@ -37,7 +37,8 @@ def test_cli_writes_table_csv_and_plot(tmp_path):
     with open(tmp_path / "bench.csv") as file:
         rows = list(csv.DictReader(file))
     assert [(row["backend"], row["n"]) for row in rows] == [
-        ("sdpa", "32"), ("reference", "32"), ("chunked", "32"), ("sdpa", "64"), ("chunked", "64")]
+        ("sdpa", "32"), ("reference", "32"), ("chunked", "32"), ("compiled", "32"), ("sdpa", "64"), ("chunked", "64"),
+        ("compiled", "64")]
     sdpa = {row["n"]: row for row in rows if row["backend"] == "sdpa"}
     for row in rows:
         expected = float(row["time_s"]) / float(sdpa[row["n"]]["time_s"])
