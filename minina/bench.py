@@ -9,25 +9,28 @@ is forward then backward, and its peak includes the output and the input gradien
 alone under torch.no_grad (inference).
 - CUDA: torch.cuda.reset_peak_memory_stats and max_memory_allocated - memory_allocated (exact tensor bytes).
 - CPU: PyTorch's CPU allocator keeps no peak counter and tracemalloc does not see its allocations, so we read
-  the process's resident set: writing "5" to /proc/self/clear_refs resets the kernel's high-water mark VmHWM to
-  the current VmRSS (Linux >= 4.0), and peak = VmHWM. Pages the C allocator keeps after a free are counted, so
-  this can overstate live bytes slightly, never understate them. Without /proc (macOS) the fallback is the
-  ru_maxrss delta, which reads 0 when the run stays below an earlier peak of the process.
+  the process's resident set. On Linux the kernel keeps its high-water mark: writing "5" to /proc/self/clear_refs
+  resets VmHWM to the current VmRSS (Linux >= 4.0), and peak = VmHWM, exact. Pages the C allocator keeps after a
+  free are counted, so this can overstate live bytes slightly, never understate them. Elsewhere (macOS, Windows)
+  a thread reads the resident set through psutil every SAMPLE_INTERVAL_S during the run and keeps the largest,
+  which can miss a peak shorter than the interval.
 Time: the median wall-clock time of up to `repeats` further runs of the pass, fewer once the case has run
 TIME_BUDGET_S (synchronized on CUDA); the measured run's time if there are none.
 
-`--check` (CUDA only) is the one GPU script: it runs tests/test_triton.py on the GPU (every kernel config, fp32,
-fp16 and bf16 against the float64 reference, the flash-attention error rule) and, if they pass, the table of SDPA,
-triton and chunked for N = 1k..16k, forward and forward+backward.
+`--check` (CUDA only) is the one GPU script: it runs the kernels' self-test shipped in the package,
+minina.triton_check (every kernel config, fp32, fp16 and bf16 against the float64 reference, the flash-attention
+error rule), and, if every check passes, the table of SDPA, triton and chunked for N = 1k..16k, forward and
+forward+backward.
 """
+import argparse
 import csv
 import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,39 +67,51 @@ TUNED_PER_SHAPE = ("triton",)  # backends whose first call at a new N autotunes:
 WARM_UP_N = {"compiled": 256}  # compiles per block size, the same for every N >= 256: warmed up at min(N, 256)
 CHECK_NS = (1024, 2048, 4096, 8192, 16384)
 CHECK_BACKENDS = ("sdpa", "triton", "chunked")
-TRITON_TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_triton.py"
+PROC_SELF = Path("/proc/self")  # Linux: the kernel's own peak of the resident set
+SAMPLE_INTERVAL_S = 0.001  # elsewhere: how often the resident set is read
+
+
+class _PeakMemory:
+    """Peak memory of one run on device: start() resets the counter and returns the bytes in use, stop() the peak
+    since (see the module docstring for the method on each device and OS)."""
+
+    def __init__(self, device):
+        self.device, self.process, self.sampler, self.done, self.peak = device, None, None, threading.Event(), 0
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        try:
+            (PROC_SELF / "clear_refs").write_text("5")  # VmHWM := VmRSS
+            return _read_proc_status("VmRSS")
+        except OSError:  # no /proc: sample the resident set instead
+            import psutil  # only this fallback (macOS, Windows) needs it
+
+            self.process = psutil.Process()
+            self.peak = in_use = self.process.memory_info().rss
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
+            return in_use
+
+    def _sample(self):
+        while not self.done.wait(SAMPLE_INTERVAL_S):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def stop(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.sampler is None:
+            return _read_proc_status("VmHWM")
+        self.done.set()
+        self.sampler.join()
+        return max(self.peak, self.process.memory_info().rss)
 
 
 def _read_proc_status(field):
-    with open("/proc/self/status") as status:
+    with open(PROC_SELF / "status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
-
-
-def _reset_peak(device):
-    """Reset the peak-memory counter of device; returns the bytes in use now."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # VmHWM := VmRSS
-        return _read_proc_status("VmRSS")
-    except OSError:
-        return _max_rss()
-
-
-def _read_peak(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        return _read_proc_status("VmHWM")
-    except OSError:
-        return _max_rss()
-
-
-def _max_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_dim=64, proj_dim=2, causal=True,
@@ -132,11 +147,12 @@ def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_di
     tensors = inputs(n)
     if backend in TUNED_PER_SHAPE:
         run(*tensors)  # nor is autotuning for this shape
-    in_use = _reset_peak(device)
+    memory = _PeakMemory(device)
+    in_use = memory.start()
     start = time.perf_counter()
     run(*tensors)
     times = [time.perf_counter() - start]
-    peak = _read_peak(device) - in_use
+    peak = memory.stop() - in_use
     for _ in range(repeats):
         if sum(times) > TIME_BUDGET_S:
             break
@@ -287,27 +303,37 @@ def write_markdown(rows, path, description):
     path.write_text(f"{description}\n\n{format_table(rows)}\n\n" + "\n".join(summarize(rows)) + "\n")
 
 
-def require_cuda(device):
-    """What --check needs: a CUDA device and a GPU; otherwise SystemExit with a message that says so."""
-    available = torch.cuda.is_available()
-    if torch.device(device).type != "cuda" or not available:
-        raise SystemExit(f"--check runs the Triton kernels and their tests on a CUDA GPU, but got --device {device} "
-                         f"and torch.cuda.is_available() = {available}; run it on a GPU machine with --device cuda")
+def require_cuda(device, check=False):
+    """--device cuda (and --check, which needs it) where no CUDA GPU can run it: argparse.ArgumentError saying so."""
+    if check and torch.device(device).type != "cuda":
+        raise argparse.ArgumentError(None, f"--check runs the Triton kernels on a CUDA GPU, but got --device "
+                                           f"{device}; run it on a GPU machine with --device cuda")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentError(None, f"--device {device} needs a CUDA GPU, but torch.cuda.is_available() is "
+                                           "False here (no NVIDIA GPU or driver, or a CPU-only PyTorch); run it on a "
+                                           "GPU machine, or leave out --device for the CPU table")
+    if check and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        raise argparse.ArgumentError(None, "--check compiles the Triton kernels for the GPU, but TRITON_INTERPRET is "
+                                           "set: unset it (the interpreter runs them on the CPU)")
 
 
-def run_triton_tests(out):
-    """pytest tests/test_triton.py in a subprocess, compiled for the GPU; its output saved as out/check.txt.
-    Returns (passed, pytest's summary line)."""
-    if not TRITON_TESTS.exists():
-        raise SystemExit(f"--check runs {TRITON_TESTS}, which is missing: run it from a source checkout of minina")
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}  # compile, not interpret
-    result = subprocess.run([sys.executable, "-m", "pytest", str(TRITON_TESTS), "-q", "-o", "addopts=",  # one process
-                             "-p", "no:cacheprovider"],
-                            capture_output=True, text=True, env=env, cwd=TRITON_TESTS.parents[1])
+def run_self_test(device, out):
+    """minina.triton_check on device, one line per check printed and saved in out/check.txt; True if all passed."""
+    from .triton_check import run_checks
+
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "check.txt").write_text(result.stdout + result.stderr)
-    lines = result.stdout.strip().splitlines()
-    return result.returncode == 0, lines[-1] if lines else result.stderr.strip()[-500:]
+    with open(Path(out) / "check.txt", "w") as log:
+        def progress(line):
+            print(f"  {line}", flush=True)
+            log.write(line + "\n")
+
+        passed, failures = run_checks(device, progress=progress)
+        for name, text in failures:
+            log.write(f"\n--- {name} ---\n{text}")
+        summary = f"{passed} passed, {len(failures)} failed"
+        log.write(summary + "\n")
+    print(f"  {summary} (log in {Path(out) / 'check.txt'})")
+    return not failures
 
 
 def add_arguments(parser):
@@ -330,8 +356,9 @@ def add_arguments(parser):
     parser.add_argument("--reference-max-n", type=int, default=DEFAULT_MAX_N["reference"],
                         help="skip the reference above this N (default %(default)s)")
     parser.add_argument("--check", action="store_true",
-                        help="the GPU check: run tests/test_triton.py on the GPU, then (if they pass) the table of "
-                             "sdpa, triton and chunked for N = 1k..16k, forward and forward+backward")
+                        help="the GPU check: the Triton kernels against the float64 reference on the GPU, then (if "
+                             "they pass) the table of sdpa, triton and chunked for N = 1k..16k, forward and "
+                             "forward+backward")
     parser.add_argument("--out", default="runs/bench", help="folder for bench.csv, bench.png, bench.md (and "
                                                             "check.txt with --check)")
 
@@ -339,13 +366,15 @@ def add_arguments(parser):
 def main(args):
     start = time.perf_counter()
     out = Path(args.out)
+    require_cuda(args.device, args.check)
+    if args.threads is not None and args.threads < 1:
+        raise argparse.ArgumentError(None, f"--threads must be at least 1, got {args.threads}")
     if args.check:
-        require_cuda(args.device)
-        print(f"running {TRITON_TESTS} on {torch.cuda.get_device_name(args.device)} ...")
-        passed, summary = run_triton_tests(out)
-        print(f"  {summary} (output in {out / 'check.txt'})")
-        if not passed:
-            raise SystemExit(f"the Triton tests failed on this GPU (see {out / 'check.txt'}); nothing was timed")
+        print(f"checking the Triton kernels against the float64 reference on "
+              f"{torch.cuda.get_device_name(args.device)} ...")
+        if not run_self_test(args.device, out):
+            raise SystemExit(f"the Triton kernels failed checks on this GPU (see {out / 'check.txt'}); nothing was "
+                             "timed")
     capable = args.check and torch.cuda.get_device_capability(args.device) >= (8, 0)
     dtype = args.dtype or ("float32" if not args.check else "bfloat16" if capable else "float16")
     passes = args.passes or (PASSES if args.check else ("fwd+bwd",))

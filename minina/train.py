@@ -9,9 +9,11 @@ losses are summed on it and read back every log_every steps (progress bar) and a
 steps: evaluate, append a row to out/metrics.csv, write out/checkpoint.pt atomically. Ctrl-C finishes the current
 step, saves a checkpoint and stops; resume=True continues exactly where it stopped.
 """
+import argparse
 import contextlib
 import csv
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -29,11 +31,13 @@ from tqdm.auto import tqdm
 from .attention import BACKENDS
 from .data import IMAGE_DATASETS, TEXT_DATASETS, atomic_save, lm_batches, lm_eval_batches, load_images, load_text
 from .models import TransformerLM, VisionTransformer
+from .scores import RELIABLE_SCORE_OPTIONS, NeuralScore
 
 HELP = "train a language model or a ViT with dot, neural or hybrid attention (resumable, torchrun-ready)"
 TASKS = ("lm", "vit")
 ATTENTIONS = ("dot", "neural", "hybrid")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+DEFAULT_DATASETS = {"lm": "tinyshakespeare", "vit": "cifar10"}
 MIB = 2 ** 20
 
 
@@ -42,7 +46,8 @@ class TrainConfig:
     """Everything a run depends on; the defaults train a small character-level model on CPU in minutes."""
 
     task: str = "lm"                  # "lm" or "vit"
-    dataset: str = "tinyshakespeare"  # a name from minina.data (or, for vit, the path of an ImageFolder tree)
+    dataset: Optional[str] = None     # a name from minina.data (or, for vit, the path of an ImageFolder tree);
+                                      # None: DEFAULT_DATASETS[task]
     attention: str = "hybrid"         # "dot", "neural", or "hybrid" (neural in block 1 only, the paper's setting)
     dim: int = 128
     depth: int = 4
@@ -73,6 +78,8 @@ class TrainConfig:
     download: bool = False            # fetch missing dataset files (checksums verified)
 
     def __post_init__(self):
+        if self.dataset is None:
+            self.dataset = DEFAULT_DATASETS.get(self.task)
         if self.out is None:
             dataset = pathlib.Path(self.dataset).name
             self.out = f"runs/{self.task}-{dataset}-{self.attention}-seed{self.seed}"
@@ -164,8 +171,7 @@ def check_config(config):
             raise ValueError(f"{name} must be >= 0, got {getattr(config, name)!r}")
     if not 0 <= config.dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {config.dropout!r}")
-    if config.score_options is not None and not isinstance(config.score_options, dict):
-        raise ValueError(f"score_options must be a dict or None, got {type(config.score_options).__name__}")
+    _check_score_options(config)
     if config.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
     if config.dtype not in DTYPES:
@@ -178,6 +184,38 @@ def check_config(config):
         except RuntimeError:
             raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', "
                              f"got {config.device!r}") from None
+
+
+def _check_score_options(config):
+    """score_options must be keyword arguments NeuralScore takes, with values it accepts."""
+    options = config.score_options
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ValueError(f"score_options must be a dict or None, got {type(options).__name__}")
+    known = [name for name in inspect.signature(NeuralScore).parameters if name not in ("head_dim", "proj_dim")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"score_options has unknown key(s) {unknown}: NeuralScore takes {known} (proj_dim has its "
+                         f"own flag), e.g. {json.dumps(RELIABLE_SCORE_OPTIONS)}")
+    try:
+        NeuralScore(config.dim // config.heads, config.proj_dim, **options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"score_options {options}: {error}") from None
+
+
+def check_device(device):
+    """Raise ValueError when device ("auto" or a torch device) names a GPU this machine does not have."""
+    if device == "auto" or torch.device(device).type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} needs a CUDA GPU, but torch.cuda.is_available() is False here (no "
+                         "NVIDIA GPU or driver, or a CPU-only PyTorch); use --device cpu, or auto to take a GPU "
+                         "where there is one")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
 
 
 def build_model(config, vocab_size=None, num_classes=None, image_size=None, channels=None):
@@ -428,6 +466,7 @@ def train(config, resume=False, progress=True, stop_after=None):
     max_steps), like a Ctrl-C there.
     """
     check_config(config)
+    check_device(config.device)
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     out = pathlib.Path(config.out)
@@ -585,6 +624,30 @@ def _train(config, resume, progress, stop_after, rank, world, device, out, check
     return summary
 
 
+# help for the flags whose default alone says too little
+FLAG_HELP = {
+    "dataset": f"lm: {', '.join(sorted(TEXT_DATASETS))}; vit: {', '.join(IMAGE_DATASETS)} or the path of an "
+               f"ImageFolder tree (default: {DEFAULT_DATASETS['lm']} for lm, {DEFAULT_DATASETS['vit']} for vit)",
+    "out": "output folder (default runs/<task>-<dataset>-<attention>-seed<seed>)",
+    "image_size": "vit: resize the images to this many pixels a side (default: as stored)",
+    "train_size": "vit: train on only the first this many training images (default: all)",
+    "proj_dim": "d' of the neural score (default: head_dim / 32, at least 2, the paper's)",
+    "device": "auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N",
+}
+
+
+def _json_object(text):
+    """argparse type of --score-options: a JSON object, or a message showing how to write one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as {json.dumps(RELIABLE_SCORE_OPTIONS)} "
+                                         f"(names and strings in double quotes), got {text!r}")
+    return value
+
+
 def add_arguments(parser):
     defaults = TrainConfig()
     parser.add_argument("--config", choices=sorted(CONFIGS),
@@ -598,19 +661,23 @@ def add_arguments(parser):
             parser.add_argument(flag, action="store_true", default=None,
                                 help="torch.compile the model for training (needs a C++ compiler on CPU)")
         elif field.name == "score_options":
-            parser.add_argument(flag, type=json.loads, metavar="JSON", help="more NeuralScore keyword arguments "
-                                'as JSON, e.g. \'{"init": "kaiming", "learn_scale": true}\'')
+            parser.add_argument(flag, type=_json_object, metavar="JSON",
+                                help="more NeuralScore keyword arguments as a JSON object, e.g. the learnability "
+                                     "study's pick (minina.scores.RELIABLE_SCORE_OPTIONS): "
+                                     f"{json.dumps(RELIABLE_SCORE_OPTIONS)}")
         else:
             kind = {int: int, float: float}.get(type(default), str)
             if field.name in ("eval_batches", "image_size", "train_size", "proj_dim"):
                 kind = int
             choices = {"task": TASKS, "attention": ATTENTIONS, "backend": BACKENDS, "dtype": DTYPES}.get(field.name)
             parser.add_argument(flag, type=kind, choices=choices, metavar=None if choices else field.name.upper(),
-                                help=f"default {default}" if field.name != "out" else
-                                "output folder (default runs/<task>-<dataset>-<attention>-seed<seed>)")
+                                help=FLAG_HELP.get(field.name, f"default {default}"))
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--stop-after", type=int, metavar="STEPS",
                         help="pause after this many steps (schedule still for --max-steps); continue with --resume")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads (default: PyTorch's, one per core); 1 for small models on a machine busy "
+                             "with other jobs")
 
 
 def config_from_args(args):
@@ -618,14 +685,23 @@ def config_from_args(args):
     base = CONFIGS[args.config] if args.config else TrainConfig()
     given = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)
              if getattr(args, field.name) is not None}
-    if "out" not in given and not args.config:
-        given["out"] = None  # recompute the default name from the other flags
+    if not args.config:  # recompute the defaults that depend on other flags (the task's dataset, the folder name)
+        given = {"dataset": None, "out": None, **given}
     return dataclasses.replace(base, **given)
 
 
 def main(args):
     try:
         config = config_from_args(args)
+        check_config(config)
+        check_device(config.device)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    except ValueError as error:  # a mistake in the flags: one line and exit code 2, as argparse's own
+        raise argparse.ArgumentError(None, str(error)) from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
         summary = train(config, resume=args.resume, stop_after=args.stop_after)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None

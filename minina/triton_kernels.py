@@ -29,8 +29,8 @@ is wrong, so bf16 is checked on GPUs only, by `python -m minina bench --device c
 without a GPU for sm_90, sm_80 (bf16) and sm_75 (fp16). No GPU has run these kernels yet: nothing is timed, and
 the autotune set is a guess to be pruned by measurements. Each new
 (L, S) is autotuned again (every fitting config timed, at every new shape); with lengths that vary, pass a fixed
-configuration. The backward has no double backward (once_differentiable: differentiating through it again
-raises), and a float attn_mask gets no gradient.
+configuration. The backward has no double backward: it raises whenever autograd asks it to build a graph
+(create_graph=True), as a gradient penalty would; and a float attn_mask gets no gradient.
 """
 import math
 import os
@@ -38,7 +38,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 KERNEL_ACTIVATIONS = ("relu", "gelu")  # names of minina.activations.ACTIVATIONS that _activation implements
 MAX_HIDDEN = (16, 16)  # widest (h1, h2): the paper's (P, P // 2) up to P = 16, and a little beyond
@@ -381,8 +380,12 @@ class TritonNeuralAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # the kernels have no backward of their own: a double backward raises, not lies
     def backward(ctx, d_out):
+        # The kernels have no backward of their own. once_differentiable would raise only when d_out requires grad,
+        # so a loss linear in the output would get a silent second derivative without the kernels' terms.
+        if torch.is_grad_enabled():  # autograd runs a backward in grad mode exactly when create_graph=True
+            raise RuntimeError("backend='triton' has no double backward: its backward cannot build a graph "
+                               "(create_graph=True); use backend='reference' to differentiate twice")
         A, Bk, v, w2, b2, w3, b3, mask, out, lse = ctx.saved_tensors
         shared, config = ctx.shared, ctx.config
         batch, heads, L, h1 = A.shape

@@ -1,5 +1,8 @@
 """The benchmark: its memory method sees torch's CPU allocations, its rows and ratios, its CLI and its errors."""
+import argparse
 import csv
+import json
+import re
 import subprocess
 import sys
 
@@ -17,6 +20,19 @@ def test_peak_memory_sees_the_reference_pair_tensor():
     assert reference["peak_mib"] >= pair_tensor_mib
     assert chunked["peak_mib"] < reference["peak_mib"] / 2
     assert reference["time_s"] > 0 and chunked["time_s"] > 0
+
+
+def test_peak_memory_without_proc_is_sampled_through_psutil():
+    """Without Linux's /proc (macOS, Windows) the resident set is sampled through psutil: it still sees the pair
+    tensor, in a fresh process as the benchmark runs every case."""
+    case = dict(backend="reference", n=512, heads=2, head_dim=64, proj_dim=2, causal=False, repeats=0, threads=1)
+    code = ("import json, sys; from pathlib import Path; from minina import bench\n"
+            "bench.PROC_SELF = Path('/nonexistent')  # as on macOS and Windows\n"
+            "print(json.dumps(bench.measure(**json.loads(sys.argv[1]))))")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(case)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["peak_mib"] >= 2 * 512 * 512 * (2 * 2) * 4 / 2 ** 20  # (B, H, N, N, 2P) float32
 
 
 def test_forward_pass_keeps_no_activations():
@@ -91,13 +107,34 @@ def test_bad_passes():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --check would run")
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_check_without_a_gpu_fails_clearly(device, tmp_path):
-    """--check needs CUDA: on a machine without one it stops with a message, before timing anything."""
-    with pytest.raises(SystemExit, match=f"--check runs the Triton kernels .* on a CUDA GPU, but got --device {device} "
-                                         r"and torch.cuda.is_available\(\) = False"):
-        bench.require_cuda(device)
+@pytest.mark.parametrize("device, message", [
+    ("cpu", "--check runs the Triton kernels on a CUDA GPU, but got --device cpu; run it on a GPU machine with "
+            "--device cuda"),
+    ("cuda", "--device cuda needs a CUDA GPU, but torch.cuda.is_available() is False here"),
+])
+def test_check_without_a_gpu_fails_clearly(device, message, tmp_path):
+    """--check needs CUDA: on a machine without one it stops with one line and exit code 2, before timing anything."""
+    with pytest.raises(argparse.ArgumentError, match=re.escape(message)):
+        bench.require_cuda(device, check=True)
     result = subprocess.run([sys.executable, "-m", "minina", "bench", "--check", "--device", device, "--out",
                              str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "on a CUDA GPU" in result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "bench.csv").exists()
+
+
+def test_check_runs_the_self_test_shipped_in_the_package(monkeypatch, tmp_path, capsys):
+    """--check's kernel checks come from minina.triton_check, not from a tests/ folder a wheel does not have: a log
+    line per check in check.txt, and False when one fails."""
+    from minina import triton_check
+
+    def broken():
+        raise AssertionError("dq: Tensor-likes are not close!")
+
+    monkeypatch.setattr(triton_check, "gpu_checks", lambda device: [("sound", lambda: None), ("broken", broken)])
+    assert not bench.run_self_test("cpu", tmp_path)
+    log = (tmp_path / "check.txt").read_text()
+    assert log.startswith("passed sound\nFAILED broken: AssertionError: dq: Tensor-likes are not close!\n")
+    assert log.endswith("1 passed, 1 failed\n") and "--- broken ---" in log
+    assert "  1 passed, 1 failed" in capsys.readouterr().out
+    monkeypatch.setattr(triton_check, "gpu_checks", lambda device: [("sound", lambda: None)])
+    assert bench.run_self_test("cpu", tmp_path)

@@ -5,7 +5,8 @@ a set-up cell that installs minina from the repository in pyproject's [project.u
 a RuntimeError there when pip fails), imports
 minina, asserts its claims, reads its base seed from MININA_SEED if it draws random numbers, leaves MININA_DATA
 as the user set it, and is committed with the outputs of one clean top-to-bottom run. Notebooks 00-04 also run
-here with triton unimportable (as on macOS, Windows, CPU-only wheels) and with another base seed.
+here with triton unimportable (as on macOS, Windows, CPU-only wheels), with the Unix-only modules resource and
+fcntl unimportable (as on Windows), and with another base seed.
 """
 import importlib.util
 import json
@@ -78,14 +79,16 @@ def notebook_problems(path, repository=REPOSITORY):
 def run_notebooks(paths, tmp_path, block_triton=False, seed=None):
     """Run the notebooks under nbval in a fresh pytest process; returns (exit code, output).
 
-    block_triton: a sitecustomize.py on PYTHONPATH marks triton as absent in every process, the kernel included
-    (sys.modules["triton"] = None makes `import triton` raise ImportError and find_spec return None).
+    block_triton: a sitecustomize.py on PYTHONPATH marks triton, and the Unix-only resource and fcntl, as absent
+    in every process, the kernel included (sys.modules["triton"] = None makes `import triton` raise ImportError
+    and find_spec return None).
     """
     env = dict(os.environ)
     if block_triton:
         shim = tmp_path / "no_triton"
         shim.mkdir()
-        (shim / "sitecustomize.py").write_text('import sys\nsys.modules["triton"] = None  # as if not installed\n')
+        (shim / "sitecustomize.py").write_text('import sys\nfor name in ("triton", "resource", "fcntl"):\n'
+                                               '    sys.modules[name] = None  # as if not installed, or on Windows\n')
         env["PYTHONPATH"] = os.pathsep.join([str(shim), *filter(None, [env.get("PYTHONPATH")])])
     if seed is not None:
         env["MININA_SEED"] = str(seed)
@@ -105,15 +108,17 @@ def test_triton_shim_blocks_triton_in_the_kernel(tmp_path):
     source = ("import importlib.util\ntry:\n    import triton\nexcept ImportError:\n    blocked = True\nelse:\n"
               "    blocked = False\nassert blocked and importlib.util.find_spec('triton') is None\n"
               "import minina\ntry:\n    from minina import triton_kernels\nexcept ImportError:\n    pass\nelse:\n"
-              "    raise AssertionError('minina.triton_kernels imported without triton')")
+              "    raise AssertionError('minina.triton_kernels imported without triton')\n"
+              "for name in ('resource', 'fcntl'):\n    assert importlib.util.find_spec(name) is None, name")
     path = tmp_path / "probe.ipynb"
     path.write_text(json.dumps(_probe_notebook(source)), encoding="utf-8")
     code, output = run_notebooks([path], tmp_path, block_triton=True)
     assert code == 0, output
     unblocked = tmp_path / "unblocked"
     unblocked.mkdir()
-    code, output = run_notebooks([path], unblocked)  # without the shim the same check fails where triton exists
-    assert (code == 0) == (importlib.util.find_spec("triton") is None), output
+    code, output = run_notebooks([path], unblocked)  # without the shim it fails where any of them exists
+    assert (code == 0) == all(importlib.util.find_spec(name) is None for name in ("triton", "resource", "fcntl")), \
+        output
 
 
 WITHOUT_TRITON = [path for path in NOTEBOOKS if path.name[:2] in {"00", "01", "02", "03", "04"}]

@@ -488,8 +488,10 @@ def test_cli_errors_are_one_line_messages(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as bad_json:
         cli(["train", "--score-options", "{init: kaiming}"])
     assert bad_json.value.code == 2 and "--score-options" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="^error: dataset for task 'lm' must be one of"):
+    with pytest.raises(SystemExit) as bad_dataset:
         cli(["train", "--dataset", "ptb", "--out", str(tmp_path)])
+    assert bad_dataset.value.code == 2
+    assert "train: error: dataset for task 'lm' must be one of" in capsys.readouterr().err
     monkeypatch.setenv("MININA_DATA", str(tmp_path))
     expected = "^error: tinyshakespeare: input.txt not found in " + re.escape(str(tmp_path))
     with pytest.raises(SystemExit, match=expected):

@@ -2,8 +2,8 @@
 
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 and the same kernels run on CPU tensors in Triton's
 interpreter; shapes stay small (mostly blocks of 16, so that several query and key blocks and their ragged ends are
-exercised) and every config of the autotune set runs once. With a GPU the same grid runs on CUDA, and
-`python -m minina bench --device cuda --check` runs this file there.
+exercised) and every config of the autotune set runs once. With a GPU the same grid runs on CUDA. The comparisons
+live in minina.triton_check, which `python -m minina bench --device cuda --check` runs on a GPU from any install.
 """
 import copy
 import os
@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minina import MultiHeadAttention, NeuralScore, neural_attention, resolve_backend
+from minina import MultiHeadAttention, NeuralScore, neural_attention, resolve_backend, triton_check
 from minina.activations import ACTIVATIONS, Activation
+from minina.triton_check import assert_low_precision_within_the_rule, triton_grads
 
 pytest.importorskip("triton", reason="backend='triton' needs the triton package")
 from minina import triton_kernels  # noqa: E402
@@ -29,60 +30,15 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
 
 
 def lively_score(head_dim, **options):
-    """A NeuralScore with wide random parameters, so that ReLU units are alive and every gradient is non-zero."""
-    score = NeuralScore(head_dim, **options)
-    with torch.no_grad():
-        for layer in [score.q_proj, score.k_proj, *score.linears()]:
-            layer.weight.normal_(0.0, 1.5 / layer.in_features ** 0.5)
-            layer.bias.normal_(0.0, 0.5)
-    return score.to(DEVICE)
+    return triton_check.lively_score(head_dim, DEVICE, **options)
 
 
 def make_mask(kind, shape):
-    """None, a boolean mask (True = may attend) with its first row fully masked, or a float mask with some -inf."""
-    if kind is None:
-        return None
-    if kind == "bool":
-        mask = torch.rand(shape, device=DEVICE) > 0.3
-        mask[..., :1, :] = False  # a query with nothing to attend: zero output, no NaN
-        return mask
-    return torch.randn(shape, device=DEVICE).masked_fill(torch.rand(shape, device=DEVICE) < 0.2, float("-inf"))
+    return triton_check.make_mask(kind, shape, DEVICE)
 
 
-def reference_grads(q, k, v, score, attn_mask, is_causal, d_out):
-    """Output and gradients (q, k, v, then every score parameter) of the reference backend in float64."""
-    score64 = copy.deepcopy(score).double()
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    mask64 = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double()
-    out = neural_attention(*leaves, score64, mask64, is_causal=is_causal, backend="reference")
-    return [out, *torch.autograd.grad(out, [*leaves, *score64.parameters()], d_out.double())]
-
-
-def triton_grads(q, k, v, score, attn_mask, is_causal, d_out, **launch):
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = triton_neural_attention(*leaves, score, attn_mask, is_causal, **launch)
-    return [out, *torch.autograd.grad(out, [*leaves, *score.parameters()], d_out)]
-
-
-NAMES = ["out", "dq", "dk", "dv"]
+assert_matches_reference = triton_check.assert_matches_reference  # launch: block_m=..., or nothing (default)
 BLOCKS_16 = dict(block_m=16, block_n=16)  # small blocks: several blocks and ragged ends at small L and S
-
-
-def assert_matches_reference(q, k, v, score, attn_mask=None, is_causal=False, **launch):
-    """Output and every gradient of the kernels (launch: block_m=..., or nothing for the default) equal the float64
-    reference's to fp32 precision."""
-    d_out = torch.randn(*torch.broadcast_shapes(q.shape[:-2], v.shape[:-2]), q.shape[-2], v.shape[-1],
-                        device=DEVICE, dtype=v.dtype)
-    expected = reference_grads(q, k, v, score, attn_mask, is_causal, d_out)
-    actual = triton_grads(q, k, v, score, attn_mask, is_causal, d_out, **launch)
-    names = NAMES + [f"d {name}" for name, _ in score.named_parameters()]
-    # fp32 sums over many pairs: absolute errors scale with the largest values in play (d b3 is 0 up to rounding)
-    atol = 1e-5 * max([1.0] + [e.abs().max().item() for e in expected if e.numel()])
-    for name, a, e in zip(names, actual, expected):
-        assert a.shape == e.shape and a.dtype == q.dtype, name
-        assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
-    return actual
 
 
 @pytest.mark.parametrize("L, S", [(20, 35), (35, 20)])
@@ -180,32 +136,10 @@ def skip_bf16_in_the_interpreter(dtype):
         pytest.skip("Triton's interpreter stores bf16 as uint16 and its bf16 tl.dot is wrong (triton 3.8); GPU only")
 
 
-def assert_error_at_most_twice_the_reference(names, actual, reference_low, expected, dtypes):
-    """flash-attention's rule: the kernel's error against float64 is at most twice (plus a hair) the error of the
-    reference backend run in the same low precision. As there, the float64 reference starts from the same rounded
-    inputs, so rounding the inputs is no one's error."""
-    for name, a, r, e, dtype in zip(names, actual, reference_low, expected, dtypes):
-        assert a.dtype == dtype, name
-        kernel_error, reference_error = (a.double() - e).abs().max(), (r.double() - e).abs().max()
-        assert kernel_error <= 2 * reference_error + 1e-3 * e.abs().max(), (name, kernel_error, reference_error)
-
-
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_low_precision_error_at_most_twice_the_reference(dtype):
     skip_bf16_in_the_interpreter(dtype)
-    L, S = LOW_PRECISION_LENGTHS
-    score = lively_score(16, proj_dim=4)
-    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (L, S, S))
-    d_out = torch.randn(1, 2, L, 16, device=DEVICE)
-    low = [t.to(dtype) for t in (q, k, v, d_out)]
-    score_low = copy.deepcopy(score).to(dtype)
-    expected = reference_grads(*low[:3], score_low, None, True, low[3])
-    leaves = [t.detach().requires_grad_() for t in low[:3]]
-    out = neural_attention(*leaves, score_low, is_causal=True, backend="reference")
-    reference_low = [out, *torch.autograd.grad(out, [*leaves, *score_low.parameters()], low[3])]
-    actual = triton_grads(*low[:3], score_low, None, True, low[3])
-    assert_error_at_most_twice_the_reference(NAMES + ["d score"] * 10, actual, reference_low, expected,
-                                             [dtype] * len(actual))
+    assert_low_precision_within_the_rule(dtype, LOW_PRECISION_LENGTHS, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
@@ -213,24 +147,11 @@ def test_autocast_mixed_dtypes(dtype):
     """Under autocast split() gives A in float32 (its bias add promotes) but Bk and v in low precision; the kernels
     take the mix and keep the flash-attention error rule. The interpreter checks float16 only (see above)."""
     skip_bf16_in_the_interpreter(dtype)
-    L, S = LOW_PRECISION_LENGTHS
-    score = lively_score(16, proj_dim=4)
-    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (L, S, S))
-    d_out = torch.randn(1, 2, L, 16, device=DEVICE)
-    low = [t.to(dtype) for t in (q, k, v, d_out)]  # what autocast's q, k, v projections give
-    expected = reference_grads(*low[:3], score, None, True, low[3])
+    q = torch.randn(1, 2, 8, 16, device=DEVICE, dtype=dtype)  # what autocast's q, k, v projections give
     with torch.autocast(DEVICE, dtype=dtype):
-        A, Bk, _ = score.split(low[0], low[1])
+        A, Bk, _ = lively_score(16, proj_dim=4).split(q, q)
     assert A.dtype == torch.float32 and Bk.dtype == dtype  # the mixed case
-    results = {}
-    for backend in ("reference", "triton"):
-        leaves = [t.detach().requires_grad_() for t in low[:3]]
-        with torch.autocast(DEVICE, dtype=dtype):
-            out = neural_attention(*leaves, score, is_causal=True, backend=backend)
-        results[backend] = [out, *torch.autograd.grad(out, [*leaves, *score.parameters()], low[3])]
-    parameters = len(list(score.parameters()))
-    assert_error_at_most_twice_the_reference(NAMES + ["d score"] * parameters, results["triton"],
-                                             results["reference"], expected, [dtype] * 4 + [torch.float32] * parameters)
+    assert_low_precision_within_the_rule(dtype, LOW_PRECISION_LENGTHS, DEVICE, autocast=True)
 
 
 @pytest.mark.parametrize("options, shapes, message", [
@@ -304,13 +225,18 @@ def test_minina_imports_and_runs_without_triton():
     assert result.stdout.strip() == "torch.Size([3, 8])"
 
 
-def test_double_backward_raises_instead_of_giving_wrong_numbers():
+@pytest.mark.parametrize("loss", [torch.sum, lambda out: out.square().sum()], ids=["linear", "quadratic"])
+def test_double_backward_raises_instead_of_giving_wrong_numbers(loss):
+    """A loss linear in the output gives a backward whose incoming gradient needs no grad: once_differentiable let
+    that through with a second derivative missing the kernels' terms. Any create_graph=True backward must raise."""
     score = lively_score(8, proj_dim=2)
     q, k, v = (torch.randn(1, 1, 9, 8, device=DEVICE, requires_grad=True) for _ in range(3))
     out = triton_neural_attention(q, k, v, score)
-    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
-        dq.sum().backward()
+    with pytest.raises(RuntimeError, match=r"backend='triton' has no double backward.*create_graph=True"):
+        torch.autograd.grad(loss(out), q, create_graph=True)
+    (dq,) = torch.autograd.grad(loss(triton_neural_attention(q, k, v, score)), q)  # a single backward still runs
+    (expected,) = torch.autograd.grad(loss(neural_attention(q, k, v, score, backend="reference")), q)
+    torch.testing.assert_close(dq, expected)
 
 
 def test_an_activation_the_kernels_lack_is_refused(monkeypatch):
@@ -397,3 +323,34 @@ def test_autotuned_launch(monkeypatch):
     assert len(fitting) == 4
     for tuned in triton_kernels._TUNED.values():
         assert tuned.best_config in fitting
+
+
+def small_check():
+    q, k, v = (torch.randn(1, 2, n, 8, device=DEVICE) for n in (20, 35, 35))
+    assert_matches_reference(q, k, v, lively_score(8, proj_dim=4), make_mask("float", (20, 35)), True, **BLOCKS_16)
+
+
+def test_the_packaged_self_test_reports_passes_and_failures(monkeypatch):
+    """run_checks, what `bench --device cuda --check` runs, passes a sound kernel and reports a broken one."""
+    lines = []
+    assert triton_check.run_checks(DEVICE, [("small", small_check)], progress=lines.append) == (1, [])
+    monkeypatch.setattr(triton_kernels, "LOG2E", 1.0)  # a bug: the kernels' softmax in base 2 instead of e
+    passed, failures = triton_check.run_checks(DEVICE, [("small", small_check)], progress=lines.append)
+    assert passed == 0 and [name for name, _ in failures] == ["small"] and "out: Tensor-likes are not close" in \
+        failures[0][1]
+    assert lines[0] == "passed small" and lines[1].startswith("FAILED small: AssertionError: out: Tensor-likes")
+
+
+def test_the_gpu_check_list_covers_configs_and_dtypes_and_runs(monkeypatch):
+    """The list `bench --check` runs on a GPU: every autotune config, fp16 and bf16 (on compute capability 8.0 and
+    up), the refused double backward; a few of its checks run here as they would there."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    checks = dict(triton_check.gpu_checks(torch.device(DEVICE)))
+    configs = {"config {BLOCK_M}x{BLOCK_N}".format(**config.kwargs) for config in CONFIGS}
+    assert configs <= set(checks) and len(checks) > len(configs) + 20
+    assert {"float16 L=1000 S=1100", "bfloat16 autocast L=1000 S=1100", "B*H = 65,600"} <= set(checks)
+    names = ["double backward raises", "strides and broadcast batch dims", "L=35 S=20 causal=True mask=bool"]
+    chosen = [(name, checks[name]) for name in names]
+    assert triton_check.run_checks(DEVICE, chosen, progress=lambda line: None) == (3, [])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no bf16
+    assert not any("bfloat16" in name for name, _ in triton_check.gpu_checks(torch.device(DEVICE)))
