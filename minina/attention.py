@@ -156,9 +156,9 @@ def resolve_backend(backend, q, v=None, score=None, attn_mask=None):
 
     "auto" is "triton" for CUDA tensors when triton imports and, if v and score are given, the kernels support
     them (minina.triton_kernels.supports). For CPU tensors it is "compiled" when v and score are given, the call is
-    big enough for compiled tiles to pay off (minina.compiled.pays_off) and torch.compile works here (not with
-    MININA_COMPILE=0; without a C++ compiler or after a failed compile it warns once, naming the reason).
-    "chunked" otherwise.
+    big enough for compiled tiles to pay off (minina.compiled.pays_off), torch.compile works here (not with
+    MININA_COMPILE=0; without a C++ compiler or after a failed compile it warns once, naming the reason) and no
+    outer torch.compile is tracing the call. "chunked" otherwise.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -169,8 +169,8 @@ def resolve_backend(backend, q, v=None, score=None, attn_mask=None):
             return "chunked"
         from .triton_kernels import supports
         return "triton" if v is None or score is None or supports(q, v, score, attn_mask) else "chunked"
-    if q.device.type != "cpu" or v is None or score is None or not pays_off(q, v):
-        return "chunked"
+    if q.device.type != "cpu" or v is None or score is None or not pays_off(q, v) or torch.compiler.is_compiling():
+        return "chunked"  # inside an outer torch.compile, that compile fuses chunked's operations itself
     reason = unavailable_reason()
     if reason is None:
         return "compiled"
