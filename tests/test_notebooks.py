@@ -1,7 +1,8 @@
 """Structural checks every notebook in notebooks/ must pass; nbval (pytest over notebooks/) runs their cells.
 
 A notebook is named NN_name.ipynb, opens with a title, the Colab badge and a "What you will learn" paragraph, has
-a set-up cell that installs minina from the repository in pyproject's [project.urls] only on Colab, imports
+a set-up cell that installs minina from the repository in pyproject's [project.urls] only on Colab (and stops with
+a RuntimeError there when pip fails), imports
 minina, asserts its claims, reads its base seed from MININA_SEED if it draws random numbers, leaves MININA_DATA
 as the user set it, and is committed with the outputs of one clean top-to-bottom run. Notebooks 00-04 also run
 here with triton unimportable (as on macOS, Windows, CPU-only wheels), with the Unix-only modules resource and
@@ -53,6 +54,8 @@ def notebook_problems(path, repository=REPOSITORY):
     if ('IN_COLAB = "google.colab" in sys.modules' not in setup or "if IN_COLAB:" not in setup
             or f'pip install -q "minina @ git+{repository}.git"' not in setup):
         problems.append(f"the first code cell is not the Colab set-up cell installing git+{repository}.git")
+    elif "returncode" not in setup or "raise RuntimeError" not in setup:
+        problems.append("the Colab set-up cell does not stop with a RuntimeError when pip fails (check returncode)")
     if not any(re.search(r"^\s*(import minina|from minina)", source, re.M) for _, source in code):
         problems.append("no cell imports minina")
     if not any(re.search(r"^\s*assert ", source, re.M) for _, source in code):
@@ -151,13 +154,16 @@ def test_notebook_structure(path):
 def test_readme_lists_notebook_with_colab_link(path):
     lines = [line for line in readme_notebooks_section().splitlines() if colab_link(path.name) in line]
     assert len(lines) == 1, f"README's Notebooks section needs one line with the Colab link {colab_link(path.name)}"
+    assert "Asserts: " in lines[0], f"README's line for {path.name} should say which claims it asserts ('Asserts: ...')"
 
 
 def _good_notebook():
     intro = (f"# A title\n\n[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
              f"({colab_link('07_good.ipynb')})\n\nWhat you will learn: checks.")
-    setup = ('import sys\nIN_COLAB = "google.colab" in sys.modules\nif IN_COLAB:\n'
-             f'    %pip install -q "minina @ git+{REPOSITORY}.git"')
+    setup = ('import sys\nIN_COLAB = "google.colab" in sys.modules\nif IN_COLAB:\n    import shlex, subprocess\n'
+             f'    PIP = \'pip install -q "minina @ git+{REPOSITORY}.git"\'\n'
+             '    result = subprocess.run([sys.executable, "-m", *shlex.split(PIP)])\n'
+             '    if result.returncode != 0:\n        raise RuntimeError(f"{PIP} failed")')
     def code(source, count, outputs=()):
         return {"cell_type": "code", "source": source, "execution_count": count, "outputs": list(outputs),
                 "metadata": {}}
@@ -177,6 +183,8 @@ def _broken(notebook, what):
         cells[0]["source"] = cells[0]["source"].replace("What you will learn", "About")
     elif what == "set-up":
         cells[1]["source"] = cells[1]["source"].replace("if IN_COLAB:\n", "")
+    elif what == "pip-check":
+        cells[1]["source"] = cells[1]["source"].replace("raise RuntimeError", "print")
     elif what == "import":
         cells[2]["source"] = cells[2]["source"].replace("import minina\n", "")
     elif what == "assert":
@@ -203,7 +211,7 @@ def test_checker_accepts_a_good_notebook(tmp_path):
 
 @pytest.mark.parametrize("what, message", [
     ("title", "Markdown title"), ("badge", "Colab badge"), ("learn", "What you will learn"),
-    ("set-up", "set-up cell"), ("import", "imports minina"), ("assert", "asserts a claim"),
+    ("set-up", "set-up cell"), ("pip-check", "pip fails"), ("import", "imports minina"), ("assert", "asserts a claim"),
     ("execution", "top to bottom"), ("outputs", "without outputs"), ("error", "error output"),
     ("seed", "MININA_SEED"), ("data", "rewrites MININA_DATA")])
 def test_checker_reports_each_broken_rule(tmp_path, what, message):
