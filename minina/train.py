@@ -676,8 +676,8 @@ def add_arguments(parser):
     parser.add_argument("--stop-after", type=int, metavar="STEPS",
                         help="pause after this many steps (schedule still for --max-steps); continue with --resume")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads (default: PyTorch's, one per core); 1 for small models on a machine busy "
-                             "with other jobs")
+                        help="CPU threads (default when training on the CPU: 1, the fastest for minina's CPU-sized "
+                             "models, which thrash on a busy machine with more; otherwise PyTorch's)")
 
 
 def config_from_args(args):
@@ -699,8 +699,10 @@ def main(args):
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
     except ValueError as error:  # a mistake in the flags: one line and exit code 2, as argparse's own
         raise argparse.ArgumentError(None, str(error)) from None
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    threads = args.threads if args.threads is not None else 1 if on_cpu else None
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         summary = train(config, resume=args.resume, stop_after=args.stop_after)
     except (ValueError, FileNotFoundError) as error:

@@ -136,6 +136,13 @@ def test_train_threads_sets_torchs_threads(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert seen == {"threads": 1}
+    seen.clear()
+    torch.set_num_threads(2)
+    try:
+        main(["train", "--device", "cpu"])  # tiny CPU models: one thread unless told otherwise
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {"threads": 1}
 
 
 def test_readme_training_commands_give_the_reliable_score_on_every_shell():
