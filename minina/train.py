@@ -478,7 +478,10 @@ def train(config, resume=False, progress=True, stop_after=None):
         if config.batch_size % world:
             raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes "
                              f"({world})")
-        return _train(config, resume, progress and rank == 0, stop_after, rank, world, device, out, checkpoint_path)
+        summary = _train(config, resume, progress and rank == 0, stop_after, rank, world, device, out, checkpoint_path)
+        if world > 1:
+            dist.barrier()  # no rank tears down its connections while another may still be using them
+        return summary
     finally:
         if world > 1:
             dist.destroy_process_group()
