@@ -10,20 +10,26 @@ base-2 logsumexp of every row is saved; the backward recomputes each tile from i
 The first MLP layer is split over the concatenation (NeuralScore.split): A = W1_q q_proj(q) + c (B, H, L, h1) and
 Bk = W1_k k_proj(k) (B, H, S, h1) are computed in PyTorch, so the kernels only see the pair hidden layer
 act(A_i + Bk_j) and the remaining layers (h1 -> h2 -> 1). Autograd carries dA and dBk back into q, k and the
-projections.
+projections. A residual score (NeuralScore(residual=True)) also adds q_i . k_j / sqrt(E): split() hands over
+(q / sqrt(E), k), and the kernels add it as FlashAttention computes its logits, one tile product q k^T per tile
+(constexpr HAS_DOT, so scores without it compile as before), with dS K and dS^T Q in the backward; autograd
+carries those through the 1 / sqrt(E).
 
 Supported: CUDA tensors in fp32, fp16 and bf16 (bf16 needs compute capability >= 8.0: Triton cannot compile bf16
 for older GPUs such as the T4, so there it is refused and "auto" falls back to chunked); A may be fp32 while Bk and
 v are fp16/bf16, as autocast gives. All MLP and softmax arithmetic is in fp32; p @ V runs in v's dtype with fp32
 accumulation, as FlashAttention does, and in exact fp32, not tf32, for fp32 inputs. Score MLPs with exactly two
 hidden layers (the paper's 2P -> P -> P/2 -> 1 for P <= 16, or widths h1 <= 16, h2 <= 16) and the activations in
-KERNEL_ACTIVATIONS; value head size Ev <= 256; any L and S (0 too), L != S, is_causal (top-left aligned), boolean or
-additive float masks broadcastable to (..., L, S); any batch dims and strides. Offsets are int64 wherever a length
-meets a stride, and the grid is 1-D (up to 2^31 - 1 programs, so any B*H).
+KERNEL_ACTIVATIONS, with or without the residual dot product (then head size E <= 256); value head size Ev <= 256;
+any L and S (0 too), L != S, is_causal (top-left aligned), boolean or additive float masks broadcastable to
+(..., L, S); any batch dims and strides. Offsets are int64 wherever a length meets a stride, and the grid is 1-D
+(up to 2^31 - 1 programs, so any B*H).
 
 Launch: on a GPU each kernel is autotuned over the few CONFIGS whose hidden tile fits the registers
-(_fitting_configs), keyed on L, S, Ev, the score MLP's shape, masking and every tensor's dtype; the interpreter,
-which cannot time anything, runs the largest fitting config; block_m/block_n/num_warps/num_stages fix one.
+(_fitting_configs), keyed on L, S, E, Ev, the score MLP's shape, masking, the residual term and every tensor's
+dtype; the interpreter, which cannot time anything, runs the largest fitting config; block_m/block_n/num_warps/
+num_stages fix one. The pruning counts the hidden tile only: a residual score's q (or k) and dq (or dk) tiles,
+(BLOCK_M, E) each, add registers, so its larger blocks spill more, most on older GPUs; autotuning times them.
 Caution: tested only in Triton's CPU interpreter (TRITON_INTERPRET=1: every config, fp32 and fp16; its bf16 matmul
 is wrong, so bf16 is checked on GPUs only, by `python -m minina bench --device cuda --check`), and compiled
 without a GPU for sm_90, sm_80 (bf16) and sm_75 (fp16). No GPU has run these kernels yet: nothing is timed, and

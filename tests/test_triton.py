@@ -274,6 +274,13 @@ def test_residual_score_matches_reference(L, S, head_dim, is_causal, mask_kind, 
     assert_matches_reference(q, k, v, score, mask, is_causal, block_m=blocks[0], block_n=blocks[1])
 
 
+@pytest.mark.parametrize("L, S", [(0, 20), (20, 0)])
+def test_residual_score_with_no_queries_or_no_keys(L, S):
+    score = lively_score(8, proj_dim=2, residual=True)
+    q, k, v = (torch.randn(1, 2, n, 8, device=DEVICE) for n in (L, S, S))
+    assert_matches_reference(q, k, v, score, make_mask("bool", (L, S)), is_causal=True, **BLOCKS_16)
+
+
 def test_residual_score_with_strides_and_broadcast_batch_dims():
     """The scaled q and k of the dot term broadcast and keep their strides like A and Bk."""
     score = lively_score(8, proj_dim=2, residual=True)
