@@ -35,7 +35,7 @@ class NeuralScore(nn.Module):
     biases of the hidden layers to b (b > 0: units start on for most pairs); hidden="wide" (more units to keep
     alive, no kernel change); residual=True adds the scaled dot product, s = MLP(...) + q_i . k_j / sqrt(head_dim),
     and zeroes the MLP's last layer so training starts from dot-product attention (one extra dot product per
-    pair; the reference and chunked backends implement it). zero_last sets that zero init apart: True zeroes the
+    pair; every backend takes it). zero_last sets that zero init apart: True zeroes the
     MLP's last layer (the default with residual=True; without it, training starts from uniform attention), False
     keeps its random init (with residual=True the MLP then adds a random score from the first step, and its hidden
     layers get gradients at once). See RELIABLE_SCORE_OPTIONS for the study's pick.
@@ -140,7 +140,7 @@ class NeuralScore(nn.Module):
         """
         if self.residual and not dot_term:
             raise ValueError("NeuralScore(residual=True) adds q . k / sqrt(head_dim) to the MLP, which this backend "
-                             "does not implement; use backend='reference' or 'chunked'")
+                             "does not implement; use one of minina's backends")
         first, *rest = self.linears()
         w_q, w_k = first.weight[:, : self.proj_dim], first.weight[:, self.proj_dim:]  # (h1, P) each
         A = self.q_proj(q) @ w_q.T + first.bias  # (..., L, h1)
