@@ -838,3 +838,42 @@ def test_the_wheel_ships_the_assignments():
     assert (ROOT / "minina" / "assignments" / "__init__.py").is_file()
     core = [path for path in (ROOT / "minina").glob("*.py")]
     assert not any("assignments" in path.read_text(encoding="utf-8") for path in core if path.name != "__main__.py")
+
+
+def render_forbid(forbid):
+    """An exercise's forbid= as the README's table writes it: the fused and ready-made attention as "attention"."""
+    from minina.assignments.exercises import ATTENTION_CALLS
+
+    words = {"autograd (backward or torch.autograd.grad)": "autograd (`backward`, `torch.autograd.grad`)"}
+    items = [words.get(label, f"`{label}`") for label in forbid if label not in ATTENTION_CALLS]
+    return ", ".join(items + (["attention"] if set(ATTENTION_CALLS) <= set(forbid) else []))
+
+
+def test_readme_lists_the_forbidden_calls_of_every_exercise():
+    """The README's table of forbidden calls is the exercises' own forbid= declarations, row for row."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("Forbidden calls per exercise"):]
+    rows = re.findall(r"^\| ((?:A\d\.\w+(?:, )?)+) \| (.+?) \|$", section[:section.index("\n\n", section.index("|"))],
+                      re.M)
+    listed = {}
+    for ids, calls in rows:
+        for exercise_id in ids.split(", "):
+            assert exercise_id not in listed, f"{exercise_id} listed twice"
+            listed[exercise_id] = re.sub(r" \(and [^)]*\)$", "", calls)  # a note on what else is checked
+    public = {id: spec for id, spec in EXERCISES.items() if spec.run.__module__ == "minina.assignments.exercises"}
+    assert listed == {id: render_forbid(spec.forbid) for id, spec in public.items() if spec.forbid}
+
+
+@pytest.mark.parametrize("assignment", ["A1", "A2", "A4", "A5"])
+def test_solutions_pass_on_other_seeds(assignment):
+    """The solutions' functions pass every check of their assignment whatever the seed of the inputs."""
+    path = FOLDER / "solutions" / (ASSIGNMENTS[assignment][0] + ".ipynb")
+    namespace = {"__name__": "__main__"}
+    for index, cell in enumerate(nbformat.read(path, as_version=4).cells[1:]):  # after the Colab set-up
+        if cell.cell_type == "code" and "check(" not in cell.source and "passed(" not in cell.source:
+            run_cell(cell.source, namespace, f"{path.stem}-{index}")
+    for exercise_id, spec in EXERCISES.items():
+        if spec.assignment == assignment and spec.run.__module__ == "minina.assignments.exercises":
+            for seed in (1, 2, 3):
+                result = run_exercise(exercise_id, [namespace[name] for name in spec.names], seed=seed)
+                assert result.passed, (seed, result)
