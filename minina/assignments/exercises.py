@@ -187,7 +187,7 @@ def _check_pair_logits(pair_logits, generator):
 
 
 def _pair_variants(score, q, k):
-    """The usual wrong pair MLPs: the pair as (key, query), the activations left out."""
+    """The usual wrong pair MLPs: the pair as (key, query), the projections swapped, the activations left out."""
     a, b = score.q_proj(q), score.k_proj(k)  # (..., L, P), (..., S, P)
     L, S = a.shape[-2], b.shape[-2]
     a, b = a.unsqueeze(-2).expand(*a.shape[:-2], L, S, -1), b.unsqueeze(-3).expand(*b.shape[:-2], L, S, -1)
