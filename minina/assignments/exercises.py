@@ -403,7 +403,8 @@ def online_variants(logits_of, v, block_size):
         divide = torch.where(l > 0, l, torch.ones_like(l))[..., None]  # (..., L, 1)
     return {"out": {"online softmax without rescaling the accumulator by exp(m_old - m_new)": acc_fixed / divide,
                     "online softmax without rescaling the running sum by exp(m_old - m_new)": acc / l_fixed[..., None],
-                    "online softmax rescaling neither the running sum nor the accumulator": acc_none / l_none[..., None],
+                    "online softmax rescaling neither the running sum nor the accumulator":
+                    acc_none / l_none[..., None],
                     "the accumulator not divided by the running sum at the end": acc},
             "logsumexp": {"the running maximum m without log(l) added": m,
                           "log(l) without the running maximum m added": torch.log(l),
@@ -727,7 +728,8 @@ def _check_triton_attention(triton_attention, generator):
             "s)" if blocks > 1 else ")")
         got = call(case, triton_attention, q, k, v, block_n)
         _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok,
-                                   "rescale l_i and acc by exp(m_i - m_new)", lambda: _kernel_variants(q, k, v, block_n))
+                                   "rescale l_i and acc by exp(m_i - m_new)",
+                                   lambda: _kernel_variants(q, k, v, block_n))
         single_block_ok = True
 
 

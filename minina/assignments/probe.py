@@ -89,7 +89,8 @@ class Watch:
         self._hook = self._make_hook()
 
     def _make_hook(self):
-        watched, inside, forbidden, call, c_call = self.watched, self.inside, self.builtins.get, self._call, self._c_call
+        watched, inside, forbidden = self.watched, self.inside, self.builtins.get
+        call, c_call = self._call, self._c_call
 
         def hook(frame, event, arg):
             if event == "call":
