@@ -165,8 +165,8 @@ def _kernel_env(folder, user=None):
 
     MININA_COMPILE=0 unless the grader's environment sets it: with a private, empty cache every notebook would
     compile minina's compiled backend from scratch, which costs more than it saves at the notebooks' sizes (the
-    chunked backend computes the same values up to rounding). user: (uid, gid) the kernel runs as, named in USER and LOGNAME so
-    that nothing looks for the grader's own user's files.
+    chunked backend computes the same values up to rounding). user: (uid, gid) the kernel runs as, named in USER
+    and LOGNAME so that nothing looks for the grader's own user's files.
     """
     env = dict(os.environ)
     env.update(HOME=str(folder), IPYTHONDIR=str(folder / ".ipython"), MPLCONFIGDIR=str(folder / ".matplotlib"),
