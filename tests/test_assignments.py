@@ -877,3 +877,21 @@ def test_solutions_pass_on_other_seeds(assignment):
             for seed in (1, 2, 3):
                 result = run_exercise(exercise_id, [namespace[name] for name in spec.names], seed=seed)
                 assert result.passed, (seed, result)
+
+
+def test_kernel_environment_is_private_and_does_not_compile(tmp_path, monkeypatch):
+    """The kernel writes only into its folder, and compiles nothing unless the grader's environment asks for it."""
+    from minina.assignments.grade import _kernel_env
+
+    monkeypatch.delenv("MININA_COMPILE", raising=False)
+    env = _kernel_env(tmp_path)
+    assert env["MININA_COMPILE"] == "0"
+    for name in ("HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR"):
+        assert Path(env[name]).is_relative_to(tmp_path), name
+    monkeypatch.setenv("MININA_COMPILE", "1")
+    assert _kernel_env(tmp_path)["MININA_COMPILE"] == "1"
+    if hasattr(os, "geteuid"):
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        assert _kernel_env(tmp_path, (nobody.pw_uid, nobody.pw_gid))["USER"] == "nobody"
