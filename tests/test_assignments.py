@@ -29,7 +29,7 @@ from minina.__main__ import main as minina_main
 from minina.assignments import ASSIGNMENTS, EXERCISES, check, passed
 from minina.assignments.build import ANSWER_PLACEHOLDER, MarkerError, build, render, student_notebook
 from minina.assignments.checks import run_exercise
-from minina.assignments.exercises import reference_mean_std
+from minina.assignments.exercises import reference_mean_std, supported_conclusion
 from minina.assignments.submission import gradescope_text, summary_table
 from minina.masks import masked_softmax as reference_masked_softmax
 
@@ -272,6 +272,10 @@ def test_wrong_masked_softmax():
     assert "not exactly 0" in fail("A1.masked_softmax", lambda x: scratch_masked_softmax(x.clamp(min=-30)))
     message = fail("A1.masked_softmax", lambda x: torch.softmax(x, dim=-1).nan_to_num())  # NaN gradient
     assert "gradient" in message and "NaN" in message
+    message = fail("A1.masked_softmax", lambda x: torch.softmax(x, dim=0))
+    assert "(3, 7)" in message and "your output equals a softmax over dimension 0 instead of the last" in message
+    message = fail("A1.masked_softmax", lambda x: torch.softmax(x.clamp(min=-1e9), dim=-1))  # -inf made finite
+    assert "all -inf" in message and "equals a softmax that gives a row of all -inf logits uniform weights" in message
     assert run_exercise("A1.masked_softmax", [scratch_masked_softmax], seed=4).passed
 
 
@@ -293,7 +297,11 @@ def test_wrong_attention_is_diagnosed():
 
 def test_wrong_padding_mask():
     message = fail("A1.padding_mask", lambda lengths, S: (torch.arange(S) <= lengths[:, None])[:, None, None, :])
-    assert "lengths" in message and "should be False" in message
+    assert "lengths" in message and "should be False" in message and "equals a mask one token too long" in message
+    message = fail("A1.padding_mask", lambda lengths, S: (torch.arange(S) >= lengths[:, None])[:, None, None, :])
+    assert "equals the mask inverted" in message
+    message = fail("A1.padding_mask", lambda lengths, S: (torch.arange(S) < lengths[:, None] - 1)[:, None, None, :])
+    assert "equals a mask one token too short" in message
 
 
 def test_wrong_pair_logits():
@@ -312,8 +320,27 @@ def test_wrong_pair_logits():
                            b.unsqueeze(-3).expand(*b.shape[:-2], L, S, P)], dim=-1)  # (B, H, L, S, 2P)
         return score.mlp(pairs).squeeze(-1)
 
+    def key_first(q, k, score):
+        a, b = score.q_proj(q), score.k_proj(k)  # (B, H, L, P), (B, H, S, P)
+        L, S, P = a.shape[-2], b.shape[-2], a.shape[-1]
+        pairs = torch.cat([b.unsqueeze(-3).expand(*b.shape[:-2], L, S, P),
+                           a.unsqueeze(-2).expand(*a.shape[:-2], L, S, P)], dim=-1)  # (B, H, L, S, 2P)
+        return score.mlp(pairs).squeeze(-1)
+
+    def linear_only(q, k, score):
+        a, b = score.q_proj(q), score.k_proj(k)
+        L, S, P = a.shape[-2], b.shape[-2], a.shape[-1]
+        x = torch.cat([a.unsqueeze(-2).expand(*a.shape[:-2], L, S, P),
+                       b.unsqueeze(-3).expand(*b.shape[:-2], L, S, P)], dim=-1)
+        for layer in score.linears():
+            x = layer(x)
+        return x.squeeze(-1)
+
     assert "without Python loops" in fail("A2.pair_logits", loops)
-    assert "logits" in fail("A2.pair_logits", swapped)
+    assert "equals the pair MLP with the projections swapped" in fail("A2.pair_logits", swapped)
+    assert "equals the pair MLP on (key, query) pairs" in fail("A2.pair_logits", key_first)
+    assert "equals the pair MLP without its activations" in fail("A2.pair_logits", linear_only)
+    assert run_exercise("A2.pair_logits", [own_pair_logits]).passed
 
 
 def test_wrong_counts():
@@ -325,9 +352,11 @@ def test_wrong_counts():
         widths = (2 * proj_dim, *hidden, 1)
         return (L + S) * head_dim * proj_dim + L * S * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
 
-    assert "too few" in fail("A2.score_parameters", no_biases)
-    assert "too few" in fail("A2.score_flops", multiply_adds)
+    assert "(too few); it equals the count without the biases" in fail("A2.score_parameters", no_biases)
+    assert "(too few); it equals the multiply-adds" in fail("A2.score_flops", multiply_adds)
     assert "bfloat16" in fail("A2.pair_tensor_bytes", lambda B, H, L, S, P, dtype: B * H * L * S * 2 * P * 4)
+    assert "it equals the number of elements, not bytes" in fail("A2.pair_tensor_bytes",
+                                                                 lambda B, H, L, S, P, dtype: B * H * L * S * 2 * P)
     assert "whole number" in fail("A2.score_flops", lambda *args: 1.5)
 
 
@@ -362,7 +391,8 @@ def test_wrong_split_first_layer():
     assert "A is off" in message and "your output equals A without the first layer's bias" in message
 
 
-def online(q, k, v, score, block_size, is_causal=False, rescale_acc=True, whole=False, guard=True):
+def online(q, k, v, score, block_size, is_causal=False, rescale_acc=True, whole=False, guard=True, rescale_sum=True,
+           lse="m + log l"):
     L, S = q.shape[-2], k.shape[-2]
     m = torch.full(q.shape[:-1], -math.inf, dtype=q.dtype)
     l, acc = torch.zeros_like(m), torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
@@ -375,16 +405,21 @@ def online(q, k, v, score, block_size, is_causal=False, rescale_acc=True, whole=
         new = torch.maximum(m, s.amax(-1))
         safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new)) if guard else new
         p = torch.exp(s - safe[..., None])
-        l = l * torch.exp(m - safe) + p.sum(-1)
+        l = (l * torch.exp(m - safe) if rescale_sum else l) + p.sum(-1)
         acc = (acc * torch.exp(m - safe)[..., None] if rescale_acc else acc) + p @ v[..., cols, :]
         m = new
-    return acc / l[..., None], m + torch.log(l)
+    return acc / l[..., None], {"m + log l": m + torch.log(l), "log l": torch.log(l)}[lse]
 
 
 def test_wrong_online_attention():
     assert run_exercise("A4.online_attention", [online]).passed
     message = fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, rescale_acc=False))
     assert "block_size 1" in message and "rescale" in message
+    assert "your output equals online softmax without rescaling the accumulator" in message
+    message = fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, rescale_sum=False))
+    assert "your output equals online softmax without rescaling the running sum" in message
+    message = fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, lse="log l"))
+    assert "logsumexp is off" in message and "equals log(l) without the running maximum m added" in message
     assert "at once" in fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, whole=True))
     message = fail("A4.online_attention", lambda *a, **kw: online(*a, **kw, guard=False))  # m' = -inf unguarded
     assert "the first 4 keys score -inf" in message and "NaN" in message
@@ -401,7 +436,8 @@ def test_wrong_tile_backward():
 
     assert "grad_v" in fail("A5.softmax_backward", transposed_grad_v) and "transpose" in fail(
         "A5.softmax_backward", transposed_grad_v)
-    assert "grad_logits" in fail("A5.softmax_backward", no_delta)
+    message = fail("A5.softmax_backward", no_delta)
+    assert "grad_logits" in message and "equals P * (dO V^T), without subtracting the row sums" in message
 
     def swapped_sums(A, Bk, W2, b2, W3, b3, grad_logits):  # dA summed over queries, dBk over keys
         pre1 = A[:, None, :] + Bk[None, :, :]  # (bl, bs, h1)
@@ -412,7 +448,19 @@ def test_wrong_tile_backward():
                 "b2": g2.sum(dim=(0, 1)), "W3": (grad_logits[..., None] * torch.relu(pre2)).sum(dim=(0, 1))[None],
                 "b3": grad_logits.sum()[None]}
 
-    assert "gradient of A" in fail("A5.mlp_backward", swapped_sums)
+    message = fail("A5.mlp_backward", swapped_sums)
+    assert "gradient of A" in message and "equals dA summed over the queries instead of the keys" in message
+
+    def no_second_mask(A, Bk, W2, b2, W3, b3, grad_logits):  # the second ReLU's derivative left out
+        pre1 = A[:, None, :] + Bk[None, :, :]  # (bl, bs, h1)
+        pre2 = torch.relu(pre1) @ W2.T + b2  # (bl, bs, h2)
+        g2 = grad_logits[..., None] @ W3  # (bl, bs, h2), no (pre2 > 0)
+        g1 = (g2 @ W2) * (pre1 > 0)  # (bl, bs, h1)
+        return {"A": g1.sum(dim=1), "Bk": g1.sum(dim=0), "W2": g2.flatten(0, 1).T @ torch.relu(pre1).flatten(0, 1),
+                "b2": g2.sum(dim=(0, 1)), "W3": (grad_logits[..., None] * torch.relu(pre2)).sum(dim=(0, 1))[None],
+                "b3": grad_logits.sum()[None]}
+
+    assert "equals the gradient without the second ReLU's derivative" in fail("A5.mlp_backward", no_second_mask)
     assert "keys" in fail("A5.mlp_backward", lambda *args: {"A": args[0]})
 
 
@@ -428,8 +476,11 @@ def test_wrong_experiment_pieces():
         return mean, math.sqrt(sum((x - mean) ** 2 for x in values) / len(values))
 
     assert "n - 1" in fail("A6.mean_std", population_std)
-    assert "support" in fail("A6.conclude", lambda s, c: "dot is better" if s["dot"][0] < s["hybrid"][0]
-                             else "hybrid is better")
+    message = fail("A6.conclude", lambda s, c: "dot is better" if s["dot"][0] < s["hybrid"][0] else "hybrid is better")
+    assert "support" in message and "your answers so far follow the means alone" in message
+    flip = {"dot is better": "hybrid is better", "hybrid is better": "dot is better"}
+    message = fail("A6.conclude", lambda s, c: flip.get(supported_conclusion(s, c), "no clear difference"))
+    assert "follow the rule with higher loss taken as better" in message
 
 
 def test_wrong_report():
@@ -464,6 +515,13 @@ def test_wrong_triton_kernel():
     run_cell(launcher, namespace, "a7-launcher")
     message = fail("A7.triton_attention", namespace["triton_attention"])
     assert "BLOCK_N 16" in message and "rescale" in message
+    assert "equals online softmax without rescaling the accumulator" in message
+    unmasked = 's = tl.where(cols[None, :] < S, s, float("-inf"))'
+    assert unmasked in kernel
+    run_cell(kernel.replace(unmasked, "pass"), namespace, "a7-unmasked-kernel")
+    run_cell(launcher, namespace, "a7-launcher")
+    message = fail("A7.triton_attention", namespace["triton_attention"])
+    assert "BLOCK_N 64" in message and "equals attention that lets the keys past the end" in message
 
 
 # ------------------------------------------------------------------------------------------------------ grader
@@ -780,3 +838,60 @@ def test_the_wheel_ships_the_assignments():
     assert (ROOT / "minina" / "assignments" / "__init__.py").is_file()
     core = [path for path in (ROOT / "minina").glob("*.py")]
     assert not any("assignments" in path.read_text(encoding="utf-8") for path in core if path.name != "__main__.py")
+
+
+def render_forbid(forbid):
+    """An exercise's forbid= as the README's table writes it: the fused and ready-made attention as "attention"."""
+    from minina.assignments.exercises import ATTENTION_CALLS
+
+    words = {"autograd (backward or torch.autograd.grad)": "autograd (`backward`, `torch.autograd.grad`)"}
+    items = [words.get(label, f"`{label}`") for label in forbid if label not in ATTENTION_CALLS]
+    return ", ".join(items + (["attention"] if set(ATTENTION_CALLS) <= set(forbid) else []))
+
+
+def test_readme_lists_the_forbidden_calls_of_every_exercise():
+    """The README's table of forbidden calls is the exercises' own forbid= declarations, row for row."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("Forbidden calls per exercise"):]
+    rows = re.findall(r"^\| ((?:A\d\.\w+(?:, )?)+) \| (.+?) \|$", section[:section.index("\n\n", section.index("|"))],
+                      re.M)
+    listed = {}
+    for ids, calls in rows:
+        for exercise_id in ids.split(", "):
+            assert exercise_id not in listed, f"{exercise_id} listed twice"
+            listed[exercise_id] = re.sub(r" \(and [^)]*\)$", "", calls)  # a note on what else is checked
+    public = {id: spec for id, spec in EXERCISES.items() if spec.run.__module__ == "minina.assignments.exercises"}
+    assert listed == {id: render_forbid(spec.forbid) for id, spec in public.items() if spec.forbid}
+
+
+@pytest.mark.parametrize("assignment", ["A1", "A2", "A4", "A5"])
+def test_solutions_pass_on_other_seeds(assignment):
+    """The solutions' functions pass every check of their assignment whatever the seed of the inputs."""
+    path = FOLDER / "solutions" / (ASSIGNMENTS[assignment][0] + ".ipynb")
+    namespace = {"__name__": "__main__"}
+    for index, cell in enumerate(nbformat.read(path, as_version=4).cells[1:]):  # after the Colab set-up
+        if cell.cell_type == "code" and "check(" not in cell.source and "passed(" not in cell.source:
+            run_cell(cell.source, namespace, f"{path.stem}-{index}")
+    for exercise_id, spec in EXERCISES.items():
+        if spec.assignment == assignment and spec.run.__module__ == "minina.assignments.exercises":
+            for seed in (1, 2, 3):
+                result = run_exercise(exercise_id, [namespace[name] for name in spec.names], seed=seed)
+                assert result.passed, (seed, result)
+
+
+def test_kernel_environment_is_private_and_does_not_compile(tmp_path, monkeypatch):
+    """The kernel writes only into its folder, and compiles nothing unless the grader's environment asks for it."""
+    from minina.assignments.grade import _kernel_env
+
+    monkeypatch.delenv("MININA_COMPILE", raising=False)
+    env = _kernel_env(tmp_path)
+    assert env["MININA_COMPILE"] == "0"
+    for name in ("HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR"):
+        assert Path(env[name]).is_relative_to(tmp_path), name
+    monkeypatch.setenv("MININA_COMPILE", "1")
+    assert _kernel_env(tmp_path)["MININA_COMPILE"] == "1"
+    if hasattr(os, "geteuid"):
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        assert _kernel_env(tmp_path, (nobody.pw_uid, nobody.pw_gid))["USER"] == "nobody"

@@ -41,10 +41,10 @@ def _check_masked_softmax(masked_softmax, generator):
     for shape, dtype in (((5,), f64), ((3, 7), f32), ((2, 3, 4, 6), f64), ((2, 5, 1), f32)):
         case = f"logits of shape {shape} in {_name(dtype)}"
         x = 3 * random_tensor(shape, dtype, generator)
-        compare(case, call(case, masked_softmax, x), reference_masked_softmax(x), "weights")
+        _compare_weights(case, call(case, masked_softmax, x), x)
     x = random_tensor((4, 6), f32, generator) + 1000
     case = "logits around 1000 (exp overflows unless the row maximum is subtracted first)"
-    compare(case, call(case, masked_softmax, x), reference_masked_softmax(x), "weights")
+    _compare_weights(case, call(case, masked_softmax, x), x)
     x = random_tensor((3, 4, 8), f64, generator)
     x = x.masked_fill(torch.rand(x.shape, generator=generator) < 0.4, -math.inf)
     x[:, :, 0] = 0.5  # every row keeps one key
@@ -58,15 +58,27 @@ def _check_masked_softmax(masked_softmax, generator):
         if not torch.allclose(sums, torch.ones_like(sums), rtol=0, atol=1e-10):
             raise CheckFailed(f"{case}: a row of weights sums to {sums.flatten()[(sums - 1).abs().argmax()]:.6g}, "
                               f"not 1")
-    compare(case, got, reference_masked_softmax(x), "weights")
+    _compare_weights(case, got, x)
     x[1, 2] = -math.inf
     case = "a row whose logits are all -inf (its weights must be zeros, not NaN)"
-    compare(case, call(case, masked_softmax, x), reference_masked_softmax(x), "weights")
+    _compare_weights(case, call(case, masked_softmax, x), x)
     case, before = "logits of shape (2, 5)", random_tensor((2, 5), f64, generator)
     if not torch.equal(call(case, masked_softmax, before, observe={"args": True})[1]["args"][0], before):
         raise CheckFailed(f"{case}: your function changed its input in place; return a new tensor")
     compare_gradients("gradient with a row of all -inf logits (it must be zeros, not NaN), float64", masked_softmax,
                       reference_masked_softmax, [x], generator, [0])
+
+
+def _compare_weights(case, got, x):
+    """Compare a masked softmax of logits x with minina's, naming the usual mistake a wrong answer equals."""
+    try:
+        compare(case, got, reference_masked_softmax(x), "weights")
+    except CheckFailed as failure:
+        variants = {f"a softmax over dimension {d} instead of the last (the keys)":
+                    reference_masked_softmax(x.transpose(d, -1)).transpose(d, -1) for d in range(x.dim() - 1)}
+        variants["a softmax that gives a row of all -inf logits uniform weights instead of zeros"] = torch.softmax(
+            x.clamp(min=torch.finfo(x.dtype).min), dim=-1)
+        raise diagnose(failure, got, variants, TOLERANCES[x.dtype]) from None
 
 
 def _attention_cases(generator):
@@ -136,8 +148,16 @@ def _check_padding_mask(padding_mask, generator):
         lengths = torch.randint(0, max_len + 1, (batch,), generator=generator)
         lengths[0] = max_len  # a full sequence
         case = f"lengths {lengths.tolist()}, max_len {max_len}"
-        expected = (torch.arange(max_len) < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)
-        compare(case, call(case, padding_mask, lengths, max_len), expected, "mask")
+        positions, got = torch.arange(max_len), call(case, padding_mask, lengths, max_len)
+        expected = (positions < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        try:
+            compare(case, got, expected, "mask")
+        except CheckFailed as failure:
+            variants = {"the mask inverted (True must mean a real token, one that may be attended to)": ~expected,
+                        "a mask one token too long (position == length counted as a token: use <, not <=)":
+                        (positions <= lengths[:, None])[:, None, None, :],
+                        "a mask one token too short": (positions < lengths[:, None] - 1)[:, None, None, :]}
+            raise diagnose(failure, got, variants, 0) from None
 
 
 # ------------------------------------------------------------------------------------------------------------ A2
@@ -160,7 +180,28 @@ def _check_pair_logits(pair_logits, generator):
             raise CheckFailed(f"{case}: score.{name} ran {n} times; build the whole (B, H, L, S, 2P) pair tensor "
                               f"with broadcasting and apply each layer once, without Python loops")
         with torch.no_grad():
-            compare(case, got, score.logits(q, k), "logits")
+            try:
+                compare(case, got, score.logits(q, k), "logits")
+            except CheckFailed as failure:
+                raise diagnose(failure, got, _pair_variants(score, q, k), TOLERANCES[dtype]) from None
+
+
+def _pair_variants(score, q, k):
+    """The usual wrong pair MLPs: the pair as (key, query), the projections swapped, the activations left out."""
+    a, b = score.q_proj(q), score.k_proj(k)  # (..., L, P), (..., S, P)
+    L, S = a.shape[-2], b.shape[-2]
+    a, b = a.unsqueeze(-2).expand(*a.shape[:-2], L, S, -1), b.unsqueeze(-3).expand(*b.shape[:-2], L, S, -1)
+
+    def mlp(pairs, activations=True):  # (..., L, S, 2P) -> (..., L, S)
+        for layer in score.mlp:
+            pairs = layer(pairs) if activations or isinstance(layer, torch.nn.Linear) else pairs
+        return pairs.squeeze(-1)
+    swapped_a, swapped_b = score.k_proj(q), score.q_proj(k)  # (..., L, P), (..., S, P)
+    swapped = torch.cat([swapped_b.unsqueeze(-3).expand(a.shape), swapped_a.unsqueeze(-2).expand(a.shape)],
+                        dim=-1)  # (..., L, S, 2P): q_proj(k_s) first
+    return {"the pair MLP on (key, query) pairs instead of (query, key)": mlp(torch.cat([b, a], dim=-1)),
+            "the pair MLP with the projections swapped (q_proj on the keys, k_proj on the queries)": mlp(swapped),
+            "the pair MLP without its activations": mlp(torch.cat([a, b], dim=-1), activations=False)}
 
 
 def _score_configs(generator):
@@ -171,20 +212,29 @@ def _score_configs(generator):
         yield head_dim, proj_dim, tuple(int(h) for h in torch.randint(1, 9, (depth,), generator=generator))
 
 
-def _compare_number(case, got, expected, what):
+def _compare_number(case, got, expected, what, variants=None):
+    """Compare a whole number; a wrong one is compared with variants ({words: number}, the usual mistakes)."""
     if isinstance(got, bool) or not isinstance(got, (int, float)) or isinstance(got, float) and not got.is_integer():
         raise CheckFailed(f"{case}: {what} should be a whole number (int), got {got!r}")
     if int(got) != expected:
+        named = [words for words, number in (variants or {}).items() if number == int(got)]
         raise CheckFailed(f"{case}: {what} is {int(got):,}, expected {expected:,} "
-                          f"({'too many' if got > expected else 'too few'})")
+                          f"({'too many' if got > expected else 'too few'})"
+                          + (f"; it equals {' or '.join(named)}" if named else ""))
 
 
 @exercise("A2.score_parameters", ["score_parameters"])
 def _check_score_parameters(score_parameters, generator):
     for head_dim, proj_dim, hidden in [(64, 2, (2, 1)), *_score_configs(generator)]:
         case = f"head_dim={head_dim}, proj_dim={proj_dim}, hidden={hidden}"
-        expected = sum(p.numel() for p in NeuralScore(head_dim, proj_dim, hidden=hidden).parameters())
-        _compare_number(case, call(case, score_parameters, head_dim, proj_dim, hidden), expected, "the count")
+        score = NeuralScore(head_dim, proj_dim, hidden=hidden)
+        expected = sum(p.numel() for p in score.parameters())
+        variants = {"the count without the biases": expected - sum(
+                        p.numel() for name, p in score.named_parameters() if name.endswith("bias")),
+                    "the count of the MLP alone, without the query and key projections": sum(
+                        p.numel() for p in score.mlp.parameters())}
+        _compare_number(case, call(case, score_parameters, head_dim, proj_dim, hidden), expected, "the count",
+                        variants)
 
 
 def reference_score_flops(L, S, head_dim, proj_dim, hidden):
@@ -200,7 +250,13 @@ def _check_score_flops(score_flops, generator):
         L, S = (int(n) for n in torch.randint(1, 2049, (2,), generator=generator))
         case = f"L={L}, S={S}, head_dim={head_dim}, proj_dim={proj_dim}, hidden={hidden}"
         expected = reference_score_flops(L, S, head_dim, proj_dim, hidden)
-        _compare_number(case, call(case, score_flops, L, S, head_dim, proj_dim, hidden), expected, "the FLOP count")
+        projections = 2 * (L + S) * head_dim * proj_dim
+        variants = {"the multiply-adds (each is 2 FLOPs)": expected // 2,
+                    "the count without the projections": expected - projections,
+                    "the count with the projections done once per pair, not once per query and key":
+                    expected - projections + 2 * L * S * 2 * head_dim * proj_dim}
+        _compare_number(case, call(case, score_flops, L, S, head_dim, proj_dim, hidden), expected, "the FLOP count",
+                        variants)
 
 
 @exercise("A2.pair_tensor_bytes", ["pair_tensor_bytes"])
@@ -208,8 +264,12 @@ def _check_pair_tensor_bytes(pair_tensor_bytes, generator):
     for dtype in (f32, torch.bfloat16, f64, torch.float16):
         B, H, L, S, P = (int(n) for n in torch.randint(1, 65, (5,), generator=generator))
         case = f"B={B}, H={H}, L={L}, S={S}, proj_dim={P}, dtype={dtype}"
-        expected = B * H * L * S * 2 * P * torch.empty((), dtype=dtype).element_size()
-        _compare_number(case, call(case, pair_tensor_bytes, B, H, L, S, P, dtype), expected, "the size in bytes")
+        size = torch.empty((), dtype=dtype).element_size()
+        expected = B * H * L * S * 2 * P * size
+        variants = {"the number of elements, not bytes": expected // size,
+                    "the size of one half of the pair (P features, not 2P)": expected // 2}
+        _compare_number(case, call(case, pair_tensor_bytes, B, H, L, S, P, dtype), expected, "the size in bytes",
+                        variants)
 
 
 # ------------------------------------------------------------------------------------------------------------ A3
@@ -301,18 +361,54 @@ def _reference_with_logsumexp(q, k, v, score, is_causal):
     return reference_neural_attention(q, k, v, score, is_causal=is_causal), torch.logsumexp(logits, dim=-1)
 
 
-def _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok, rescale_hint):
-    """Check an (out, logsumexp) pair; a mismatch after a one-block case passed points at the missing rescale."""
+def _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok, rescale_hint, variants):
+    """Check an (out, logsumexp) pair; a mismatch is compared with variants() ({"out": {words: tensor},
+    "logsumexp": ...}, the usual mistakes), and after a one-block case passed it points at the missing rescale."""
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         raise CheckFailed(f"{case}: return the pair (out, logsumexp), got {type(got).__name__}")
-    try:
-        compare(case, got[0], expected_out, "out")
-        compare(case, got[1], expected_lse, "logsumexp")
-    except CheckFailed as failure:
-        if single_block_ok:
-            raise CheckFailed(f"{failure}. It matched with one key block: when the running maximum changes, "
-                              f"{rescale_hint}") from None
-        raise
+    for what, value, expected in (("out", got[0], expected_out), ("logsumexp", got[1], expected_lse)):
+        try:
+            compare(case, value, expected, what)
+        except CheckFailed as failure:
+            failure = diagnose(failure, value, variants()[what], TOLERANCES[expected.dtype])
+            if single_block_ok:
+                raise CheckFailed(f"{failure}. It matched with one key block: when the running maximum changes, "
+                                  f"{rescale_hint}") from None
+            raise failure from None
+
+
+def online_variants(logits_of, v, block_size):
+    """The usual wrong online softmaxes over key blocks of block_size keys, for out and logsumexp.
+
+    logits_of(start, stop): the (masked) logits of keys start..stop-1, (..., L, n); v: (..., S, Ev).
+    """
+    def run(rescale_sum, rescale_acc):
+        m = l = acc = None
+        for start in range(0, v.shape[-2], block_size):
+            s = logits_of(start, min(start + block_size, v.shape[-2]))  # (..., L, n)
+            if m is None:
+                m = torch.full(s.shape[:-1], -math.inf, dtype=s.dtype)  # (..., L)
+                l, acc = torch.zeros_like(m), torch.zeros(*s.shape[:-1], v.shape[-1], dtype=s.dtype)
+            new = torch.maximum(m, s.amax(dim=-1))
+            safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))  # a fully masked block so far
+            alpha, p = torch.exp(m - safe), torch.exp(s - safe[..., None])  # (..., L), (..., L, n)
+            l = (l * alpha if rescale_sum else l) + p.sum(dim=-1)
+            acc = (acc * alpha[..., None] if rescale_acc else acc) + p @ v[..., start:start + s.shape[-1], :]
+            m = new
+        return acc, l, m
+
+    with torch.no_grad():
+        (acc, l, m), (_, l_fixed, _), (acc_fixed, _, _), (acc_none, l_none, _) = (
+            run(True, True), run(False, True), run(True, False), run(False, False))
+        divide = torch.where(l > 0, l, torch.ones_like(l))[..., None]  # (..., L, 1)
+    return {"out": {"online softmax without rescaling the accumulator by exp(m_old - m_new)": acc_fixed / divide,
+                    "online softmax without rescaling the running sum by exp(m_old - m_new)": acc / l_fixed[..., None],
+                    "online softmax rescaling neither the running sum nor the accumulator":
+                    acc_none / l_none[..., None],
+                    "the accumulator not divided by the running sum at the end": acc},
+            "logsumexp": {"the running maximum m without log(l) added": m,
+                          "log(l) without the running maximum m added": torch.log(l),
+                          "logsumexp with the running sum not rescaled by exp(m_old - m_new)": m + torch.log(l_fixed)}}
 
 
 PADDING = 1e6  # a key whose first feature is PADDING is padding for LeadingPaddingScore
@@ -356,8 +452,19 @@ def _check_online_attention(online_attention, generator):
                 raise CheckFailed(f"{case}: the score was applied to {max(observed['widths'])} keys at once; score "
                                   f"one key block of at most block_size keys at a time")
             _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok and not words,
-                                       "rescale the running sum and the accumulator by exp(m_old - m_new)")
+                                       "rescale the running sum and the accumulator by exp(m_old - m_new)",
+                                       lambda: online_variants(_score_blocks(score, q, k, causal), v, block_size))
             single_block_ok = True
+
+
+def _score_blocks(score, q, k, is_causal):
+    """logits_of(start, stop) for online_variants: the score's logits of keys start..stop-1, causally masked."""
+    def logits_of(start, stop):
+        logits = score.logits(q, k[..., start:stop, :])  # (..., L, n)
+        if not is_causal:
+            return logits
+        return logits.masked_fill(torch.arange(start, stop) > torch.arange(q.shape[-2])[:, None], -math.inf)
+    return logits_of
 
 
 # ------------------------------------------------------------------------------------------------------------ A5
@@ -397,8 +504,17 @@ def _check_softmax_backward(softmax_backward, generator):
         got = call(case, softmax_backward, p.detach(), t["v"].detach(), t["grad_out"])
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             raise CheckFailed(f"{case}: return the pair (grad_v, grad_logits), got {type(got).__name__}")
-        compare(case, got[0], v.grad, "grad_v")
-        compare(case, got[1], logits.grad, "grad_logits")
+        p, grad_p = p.detach(), t["grad_out"] @ t["v"].T  # (bl, bs): the gradient of the weights
+        variants = ({"P dO, not P^T dO": p @ t["grad_out"]} if p.shape[0] == p.shape[1] else {},
+                    {"P * (dO V^T), without subtracting the row sums of P * (dO V^T)": p * grad_p,
+                     "dO V^T, the gradient of the weights, without the softmax's backward": grad_p,
+                     "the softmax's backward with the sums over the queries, not the keys":
+                     p * (grad_p - (p * grad_p).sum(dim=0, keepdim=True))})
+        for value, expected, what, wrong in zip(got, (v.grad, logits.grad), ("grad_v", "grad_logits"), variants):
+            try:
+                compare(case, value, expected, what)
+            except CheckFailed as failure:
+                raise diagnose(failure, value, wrong, TOLERANCES[expected.dtype]) from None
 
 
 @exercise("A5.mlp_backward", ["mlp_backward"], forbid=BACKWARD_CALLS)
@@ -413,8 +529,37 @@ def _check_mlp_backward(mlp_backward, generator):
         if not isinstance(got, dict) or set(got) != set(names):
             raise CheckFailed(f"{case}: return a dict with the keys {list(names)}, got "
                               f"{sorted(got) if isinstance(got, dict) else type(got).__name__}")
+        variants = _mlp_variants(t, grad_logits)
         for name in names:
-            compare(case, got[name], params[name].grad, f"the gradient of {name}")
+            try:
+                compare(case, got[name], params[name].grad, f"the gradient of {name}")
+            except CheckFailed as failure:
+                raise diagnose(failure, got[name], variants[name], TOLERANCES[grad_logits.dtype]) from None
+
+
+def _mlp_variants(t, grad_logits):
+    """name -> {words: tensor}: the usual wrong gradients of the tile's score MLP (a ReLU's derivative left out,
+    dA and dBk summed over the wrong axis)."""
+    names = ("A", "Bk", "W2", "b2", "W3", "b3")
+
+    def relu(x, through):  # through: the backward passes every gradient (the ReLU's mask left out)
+        return x + (torch.relu(x) - x).detach() if through else torch.relu(x)
+
+    def gradients(through1, through2):
+        params = [t[name].clone().requires_grad_() for name in names]
+        A, Bk, W2, b2, W3, b3 = params
+        pre1 = A[:, None, :] + Bk[None, :, :]  # (bl, bs, h1)
+        logits = (relu(relu(pre1, through1) @ W2.T + b2, through2) @ W3.T + b3)[..., 0]  # (bl, bs)
+        grads = torch.autograd.grad(logits, [*params, pre1], grad_logits)
+        return dict(zip(names, grads)), grads[-1]
+
+    (first, _), (second, _), (_, grad_pre1) = gradients(True, False), gradients(False, True), gradients(False, False)
+    variants = {name: {"the gradient without the first ReLU's derivative (mask it with pre-activation > 0)":
+                       first[name], "the gradient without the second ReLU's derivative (mask it with "
+                                    "pre-activation > 0)": second[name]} for name in names}
+    variants["A"]["dA summed over the queries instead of the keys"] = grad_pre1.sum(dim=0)  # (bs, h1)
+    variants["Bk"]["dBk summed over the keys instead of the queries"] = grad_pre1.sum(dim=1)  # (bl, h1)
+    return variants
 
 
 # ------------------------------------------------------------------------------------------------------------ A6
@@ -489,6 +634,24 @@ def supported_conclusion(summary, counts):
     return "dot is better" if mean_dot < mean_hybrid else "hybrid is better"  # lower validation loss is better
 
 
+def _rule(summary, counts, errors=2, standard_error=True, lower_is_better=True):
+    """supported_conclusion with the usual mistakes switchable: another number of standard errors, the standard
+    deviations in place of the standard error, higher loss taken as better; errors=0: the means alone."""
+    (mean_dot, std_dot), (mean_hybrid, std_hybrid) = summary["dot"], summary["hybrid"]
+    n_dot, n_hybrid = (counts["dot"], counts["hybrid"]) if standard_error else (1, 1)
+    if abs(mean_dot - mean_hybrid) <= errors * math.sqrt(std_dot ** 2 / n_dot + std_hybrid ** 2 / n_hybrid):
+        return "no clear difference"
+    return "dot is better" if (mean_dot < mean_hybrid) == lower_is_better else "hybrid is better"
+
+
+WRONG_RULES = {"the means alone, without the standard errors": lambda s, c: _rule(s, c, errors=0),
+               "one standard error instead of two": lambda s, c: _rule(s, c, errors=1),
+               "the standard deviations instead of the standard error of the difference (not divided by the number "
+               "of seeds)": lambda s, c: _rule(s, c, standard_error=False),
+               "the rule with higher loss taken as better (lower validation loss is better)":
+               lambda s, c: _rule(s, c, lower_is_better=False)}
+
+
 @exercise("A6.conclude", ["conclude"])
 def _check_conclude(conclude, generator):
     situations = [(2.50, 0.02, 2.40, 0.02, 3), (2.40, 0.02, 2.50, 0.03, 3), (2.50, 0.10, 2.45, 0.10, 3),
@@ -497,6 +660,7 @@ def _check_conclude(conclude, generator):
         m = (2 + torch.rand(2, generator=generator, dtype=f64)).tolist()
         s = (0.1 * torch.rand(2, generator=generator, dtype=f64)).tolist()
         situations.append((m[0], s[0], m[1], s[1], 3))
+    answers = []  # (summary, counts, the student's conclusion) so far
     for mean_dot, std_dot, mean_hybrid, std_hybrid, n in situations:
         summary = {"dot": (mean_dot, std_dot), "hybrid": (mean_hybrid, std_hybrid)}
         counts = {"dot": n, "hybrid": n}
@@ -504,9 +668,12 @@ def _check_conclude(conclude, generator):
         got = call(case, conclude, summary, counts)
         if got not in CONCLUSIONS:
             raise CheckFailed(f"{case}: the conclusion must be one of {CONCLUSIONS}, got {got!r}")
+        answers.append((summary, counts, got))
         if got != supported_conclusion(summary, counts):
+            named = [words for words, rule in WRONG_RULES.items() if all(rule(*a[:2]) == a[2] for a in answers)]
             raise CheckFailed(f"{case}: {got!r} is not what these numbers support under the rule (a difference of "
-                              f"means beyond 2 standard errors of the difference, lower loss is better)")
+                              f"means beyond 2 standard errors of the difference, lower loss is better)"
+                              + (f"; your answers so far follow {named[0]}" if named else ""))
 
 
 @exercise("A6.report", ["results", "summary", "conclusion", "train_one"], points=2)
@@ -561,5 +728,20 @@ def _check_triton_attention(triton_attention, generator):
             "s)" if blocks > 1 else ")")
         got = call(case, triton_attention, q, k, v, block_n)
         _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok,
-                                   "rescale l_i and acc by exp(m_i - m_new)")
+                                   "rescale l_i and acc by exp(m_i - m_new)",
+                                   lambda: _kernel_variants(q, k, v, block_n))
         single_block_ok = True
+
+
+def _kernel_variants(q, k, v, block_n):
+    """The usual wrong Triton forwards: the online softmax's, no scale, and the last block's padding keys kept."""
+    scale = 1 / math.sqrt(q.shape[-1])
+    variants = online_variants(lambda start, stop: q @ k[..., start:stop, :].transpose(-2, -1) * scale, v, block_n)
+    pad = -(-k.shape[-2] // block_n) * block_n - k.shape[-2]  # the keys past the end in the last block
+    padded_k, padded_v = (torch.cat([t, torch.zeros(*t.shape[:-2], pad, t.shape[-1])], dim=-2) for t in (k, v))
+    for words, (k_, v_, scale_) in (("attention without the 1/sqrt(E) scaling", (k, v, 1.0)),
+                                    ("attention that lets the keys past the end (loaded as 0) into the softmax: mask "
+                                     "them with -inf", (padded_k, padded_v, scale))):
+        variants["out"][words] = dot_product_attention(q, k_, v_, scale=scale_)
+        variants["logsumexp"][words] = torch.logsumexp(q @ k_.transpose(-2, -1) * scale_, dim=-1)
+    return variants

@@ -55,7 +55,7 @@ class Kernel:
         self.running, self.killed, self.nonce = "starting the kernel", None, secrets.token_hex(8)
         km = _KernelManager(kernel_name="python3")
         km.connection_file = str(self.folder / "kernel.json")
-        self.popen = dict(cwd=str(self.folder), env=_kernel_env(self.folder))
+        self.popen = dict(cwd=str(self.folder), env=_kernel_env(self.folder, user))
         if user is not None:
             km.owner = user
             self.popen.update(user=user[0], group=user[1], extra_groups=[], umask=0o077)
@@ -160,12 +160,23 @@ class Kernel:
         self.kill("graded")
 
 
-def _kernel_env(folder):
-    """The grader's environment, with every place the kernel writes moved into its private folder."""
+def _kernel_env(folder, user=None):
+    """The grader's environment, with every place the kernel writes moved into its private folder.
+
+    MININA_COMPILE=0 unless the grader's environment sets it: with a private, empty cache every notebook would
+    compile minina's compiled backend from scratch, which costs more than it saves at the notebooks' sizes (the
+    chunked backend computes the same values up to rounding). user: (uid, gid) the kernel runs as, named in USER
+    and LOGNAME so that nothing looks for the grader's own user's files.
+    """
     env = dict(os.environ)
     env.update(HOME=str(folder), IPYTHONDIR=str(folder / ".ipython"), MPLCONFIGDIR=str(folder / ".matplotlib"),
                XDG_CACHE_HOME=str(folder / ".cache"), TRITON_CACHE_DIR=str(folder / ".triton"),
-               JUPYTER_RUNTIME_DIR=str(folder / ".jupyter"))
+               TORCHINDUCTOR_CACHE_DIR=str(folder / ".inductor"), JUPYTER_RUNTIME_DIR=str(folder / ".jupyter"))
+    env.setdefault("MININA_COMPILE", "0")
+    if user is not None:
+        import pwd
+
+        env.update(USER=pwd.getpwuid(user[0]).pw_name, LOGNAME=pwd.getpwuid(user[0]).pw_name)
     return env
 
 

@@ -66,7 +66,11 @@ _LOGITS = (str(_PACKAGE / "scores.py"), "NeuralScore.logits")
 
 
 class Watch:
-    """Record the forbidden calls (and, with spy=True, the key count of each NeuralScore.logits call) in a block."""
+    """Record the forbidden calls (and, with spy=True, the key count of each NeuralScore.logits call) in a block.
+
+    The profile hook runs on every call the student's code makes, so it does as little as it can: one set lookup
+    by file name on a call, one dict lookup on a builtin call; only calls into a watched file are looked at closely.
+    """
 
     def __init__(self, forbid, spy=False):
         unknown = set(forbid) - set(FORBIDDABLE)
@@ -80,33 +84,49 @@ class Watch:
             self.builtins.update({function: label for function in functions} if label in forbid else {})
         self.aten = "an aten scaled_dot_product op" in forbid
         self.spy, self.hits, self.widths, self.inside = spy, [], [], []  # inside: frames of forbidden calls
-        self._hook = self._profile
+        self.watched = {file for file, _ in self.codes} | set(self.files) | ({_OPS_FILE} if self.aten else set()) | (
+            {_LOGITS[0]} if spy else set())  # the files whose calls _call looks at
+        self._hook = self._make_hook()
 
-    def _profile(self, frame, event, arg):
-        if event == "call":
-            code = frame.f_code
-            key = (code.co_filename, code.co_qualname)
-            label = self.codes.get(key) or self.files.get(code.co_filename)
-            if label and not (frame.f_back and frame.f_back.f_code.co_filename.startswith(_ALLOWED_CALLERS)):
-                self.hits += [] if self.inside else [label]  # the outermost forbidden call only
-                self.inside.append(frame)
-            elif self.aten and code.co_filename == _OPS_FILE and code.co_name == "__call__":
-                op = frame.f_locals.get("self")
-                name = str(getattr(op, "_qualified_op_name", None) or getattr(op, "_name", ""))
-                if "scaled_dot_product" in name and not self.inside:
-                    self.hits.append(f"torch.ops.{name.replace('::', '.')}")
-            if self.spy and key == _LOGITS:
-                k = frame.f_locals.get("k")
-                self.widths.append(k.shape[-2] if isinstance(k, torch.Tensor) and k.dim() >= 2 else -1)
-        elif event == "return" and self.inside and frame is self.inside[-1]:
-            self.inside.pop()
-        elif event == "c_call" and self.builtins and not self.inside:
-            try:
-                label = self.builtins.get(arg)
-            except TypeError:  # an unhashable bound builtin
-                label = None
-            if label and not frame.f_code.co_filename.startswith(_ALLOWED_CALLERS):
-                self.hits.append(label)
+    def _make_hook(self):
+        watched, inside, forbidden = self.watched, self.inside, self.builtins.get
+        call, c_call = self._call, self._c_call
+
+        def hook(frame, event, arg):
+            if event == "call":
+                if frame.f_code.co_filename in watched:
+                    call(frame)
+            elif event == "return":
+                if inside and frame is inside[-1]:
+                    inside.pop()
+            elif event == "c_call" and not inside:
+                try:
+                    label = forbidden(arg)
+                except TypeError:  # an unhashable bound builtin
+                    return
+                if label:
+                    c_call(frame, label)
+        return hook
+
+    def _call(self, frame):
+        code = frame.f_code
+        key = (code.co_filename, code.co_qualname)
+        label = self.codes.get(key) or self.files.get(code.co_filename)
+        if label and not (frame.f_back and frame.f_back.f_code.co_filename.startswith(_ALLOWED_CALLERS)):
+            self.hits += [] if self.inside else [label]  # the outermost forbidden call only
+            self.inside.append(frame)
+        elif self.aten and code.co_filename == _OPS_FILE and code.co_name == "__call__":
+            op = frame.f_locals.get("self")
+            name = str(getattr(op, "_qualified_op_name", None) or getattr(op, "_name", ""))
+            if "scaled_dot_product" in name and not self.inside:
+                self.hits.append(f"torch.ops.{name.replace('::', '.')}")
+        if self.spy and key == _LOGITS:
+            k = frame.f_locals.get("k")
+            self.widths.append(k.shape[-2] if isinstance(k, torch.Tensor) and k.dim() >= 2 else -1)
+
+    def _c_call(self, frame, label):
+        if not frame.f_code.co_filename.startswith(_ALLOWED_CALLERS):
+            self.hits.append(label)
 
     def _active(self):
         return bool(self.codes or self.files or self.builtins or self.aten or self.spy)
