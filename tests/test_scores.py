@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import minina
 from minina.scores import RELIABLE_SCORE_OPTIONS, NeuralScore
-from minina.study import VARIANTS
+from minina.tools.study import VARIANTS
 
 
 def paper_layers(head_dim, proj_dim):
