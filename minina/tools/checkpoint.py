@@ -76,9 +76,8 @@ def start_metrics(path, task, keep_until_step):
     os.replace(temporary, path)
 
 
-def append_metrics(path, values):
-    """One row of metrics.csv: step, train_loss, val_loss, metric, lr, items_per_s, peak_memory_mib."""
-    step, train_loss, val_loss, metric, lr, items_per_s, peak = values
+def append_metrics(path, step, evaluation, metric, lr, items_per_s, peak):
+    """One row of metrics.csv from an evaluation {"train_loss", "val_loss", metric: value}; peak as text."""
     with open(path, "a", newline="") as file:
-        csv.writer(file).writerow([step, f"{train_loss:.8g}", f"{val_loss:.8g}", f"{metric:.8g}", f"{lr:.6g}",
-                                   f"{items_per_s:.1f}", peak])
+        csv.writer(file).writerow([step, f"{evaluation['train_loss']:.8g}", f"{evaluation['val_loss']:.8g}",
+                                   f"{evaluation[metric]:.8g}", f"{lr:.6g}", f"{items_per_s:.1f}", peak])

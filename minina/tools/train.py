@@ -39,8 +39,7 @@ def build_model(config, vocab_size=None, num_classes=None, image_size=None, chan
     """
     check_config(config)
     sizes = dict(vocab_size=vocab_size, num_classes=num_classes, image_size=image_size, channels=channels)
-    return TRAIN_TASKS[config.task].build_model(config, **{name: size for name, size in sizes.items()
-                                                          if name in TRAIN_TASKS[config.task].model_size_names})
+    return TRAIN_TASKS[config.task].build_model(config, sizes)
 
 
 def learning_rate_factor(step, warmup_steps, max_steps, final_factor=0.1):
@@ -135,6 +134,7 @@ class _Run:
 
 
 def _train(config, resume, progress, stop_after, rank, world, device, out, checkpoint_path):
+    """The loop: set up (or resume) the run, then step; every eval_every steps evaluate, log and checkpoint."""
     torch.manual_seed(config.seed)
     amp_dtype = autocast_dtype(config.dtype, device.type,
                                torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
@@ -165,12 +165,9 @@ def _train(config, resume, progress, stop_after, rank, world, device, out, check
             if run.step % config.eval_every == 0 or run.step == config.max_steps:
                 trained.eval()
                 items_per_s, peak = _evaluate(run, task, autocast, clock, world)
-                if rank == 0:
-                    append_metrics(out / "metrics.csv", [run.step, run.last_eval["train_loss"],
-                                                         run.last_eval["val_loss"], run.last_eval[task.metric], lr,
-                                                         items_per_s, peak])
                 bar.set_postfix(loss=f"{run.last_eval['train_loss']:.3f}", val_loss=f"{run.last_eval['val_loss']:.3f}")
                 if rank == 0:
+                    append_metrics(out / "metrics.csv", run.step, run.last_eval, task.metric, lr, items_per_s, peak)
                     save_checkpoint(checkpoint_path, run, task, config, device)
                 clock.restart()
         clock.stop()

@@ -58,7 +58,6 @@ class LanguageModeling(_Task):
     """Next-token prediction on a text corpus (minina.tools.data.load_text): random windows of seq_len tokens."""
 
     default_dataset, metric, items = "tinyshakespeare", "perplexity", "tokens"
-    model_size_names = ("vocab_size",)  # what build_model needs to know of the data
 
     @staticmethod
     def check_dataset(name):
@@ -66,10 +65,11 @@ class LanguageModeling(_Task):
             raise ValueError(f"dataset for task 'lm' must be one of {sorted(TEXT_DATASETS)}, got {name!r}")
 
     @staticmethod
-    def build_model(config, vocab_size=None):
-        if vocab_size is None:
+    def build_model(config, sizes):
+        """sizes: the data's {"vocab_size": ...}; other sizes are ignored."""
+        if sizes.get("vocab_size") is None:
             raise ValueError("build_model needs vocab_size for task 'lm'")
-        return TransformerLM(vocab_size, max_seq_len=config.seq_len, **model_options(config))
+        return TransformerLM(sizes["vocab_size"], max_seq_len=config.seq_len, **model_options(config))
 
     def __init__(self, config, rank, world, device):
         super().__init__(config, rank, world, device)
@@ -106,7 +106,6 @@ class ImageClassification(_Task):
     """Image classification (minina.tools.data.load_images): shuffled epochs, the last partial batch dropped."""
 
     default_dataset, metric, items = "cifar10", "accuracy", "images"
-    model_size_names = ("num_classes", "image_size", "channels")
 
     @staticmethod
     def check_dataset(name):
@@ -115,11 +114,12 @@ class ImageClassification(_Task):
                              f"path, got {name!r}")
 
     @staticmethod
-    def build_model(config, num_classes=None, image_size=None, channels=None):
-        if num_classes is None or image_size is None or channels is None:
+    def build_model(config, sizes):
+        """sizes: the data's {"num_classes", "image_size", "channels"}; other sizes are ignored."""
+        if any(sizes.get(name) is None for name in ("num_classes", "image_size", "channels")):
             raise ValueError("build_model needs num_classes, image_size and channels for task 'vit'")
-        return VisionTransformer(config.image_size or image_size, config.patch_size, num_classes,
-                                 channels=channels, **model_options(config))
+        return VisionTransformer(config.image_size or sizes["image_size"], config.patch_size, sizes["num_classes"],
+                                 channels=sizes["channels"], **model_options(config))
 
     def __init__(self, config, rank, world, device):
         super().__init__(config, rank, world, device)
