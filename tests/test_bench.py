@@ -123,8 +123,8 @@ def test_check_without_a_gpu_fails_clearly(device, message, tmp_path):
 
 
 def test_check_runs_the_self_test_shipped_in_the_package(monkeypatch, tmp_path, capsys):
-    """--check's kernel checks come from minina.triton_check, not from a tests/ folder a wheel does not have: a log
-    line per check in check.txt, and False when one fails."""
+    """--check's kernel checks come from minina.tools.triton_check, not from a tests/ folder a wheel does not have:
+    a log line per check in check.txt, and False when one fails."""
     from minina.tools import triton_check
 
     def broken():

@@ -3,7 +3,7 @@
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 and the same kernels run on CPU tensors in Triton's
 interpreter; shapes stay small (mostly blocks of 16, so that several query and key blocks and their ragged ends are
 exercised) and every config of the autotune set runs once. With a GPU the same grid runs on CUDA. The comparisons
-live in minina.triton_check, which `python -m minina bench --device cuda --check` runs on a GPU from any install.
+live in minina.tools.triton_check, which `python -m minina bench --device cuda --check` runs on a GPU from any install.
 """
 import copy
 import os
