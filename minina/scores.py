@@ -28,7 +28,8 @@ class NeuralScore(nn.Module):
     them, README "Training reliably"): activation="gelu" or "leaky_relu" (no hard zero);
     hidden="wide" (more units to keep alive); residual=True adds the scaled dot product,
     s = MLP(...) + q_i . k_j / sqrt(head_dim), and zeroes the MLP's last layer so training starts from dot-product
-    attention; zero_last=True/False zeroes that layer or keeps its random init (default: residual).
+    attention (one extra dot product per pair; every backend takes it); zero_last=True/False zeroes that layer or
+    keeps its random init (default: residual).
     init="kaiming" draws the MLP weights from N(0, 2 / fan_in) with zero biases; learn_scale=True multiplies the
     MLP's logit by a learnable scalar `logit_scale` starting at scale_init (5.0 if not given); bias_init=b sets the
     biases of the hidden layers to b. See RELIABLE_SCORE_OPTIONS for the study's pick.
@@ -133,7 +134,7 @@ class NeuralScore(nn.Module):
         """
         if self.residual and not dot_term:
             raise ValueError("NeuralScore(residual=True) adds q . k / sqrt(head_dim) to the MLP, which this backend "
-                             "does not implement; use backend='reference' or 'chunked'")
+                             "does not implement; use one of minina's backends")
         first, *rest = self.linears()
         w_q, w_k = first.weight[:, : self.proj_dim], first.weight[:, self.proj_dim:]  # (h1, P) each
         A = self.q_proj(q) @ w_q.T + first.bias  # (..., L, h1)

@@ -10,26 +10,31 @@ base-2 logsumexp of every row is saved; the backward recomputes each tile from i
 The first MLP layer is split over the concatenation (NeuralScore.split): A = W1_q q_proj(q) + c (B, H, L, h1) and
 Bk = W1_k k_proj(k) (B, H, S, h1) are computed in PyTorch, so the kernels only see the pair hidden layer
 act(A_i + Bk_j) and the remaining layers (h1 -> h2 -> 1). Autograd carries dA and dBk back into q, k and the
-projections.
+projections. A residual score (NeuralScore(residual=True)) also adds q_i . k_j / sqrt(E): split() hands over
+(q / sqrt(E), k), and the kernels add it as FlashAttention computes its logits, one tile product q k^T per tile
+(constexpr HAS_DOT, so scores without it compile as before), with dS K and dS^T Q in the backward; autograd
+carries those through the 1 / sqrt(E).
 
 Supported: CUDA tensors in fp32, fp16 and bf16 (bf16 needs compute capability >= 8.0: Triton cannot compile bf16
 for older GPUs such as the T4, so there it is refused and "auto" falls back to chunked); A may be fp32 while Bk and
 v are fp16/bf16, as autocast gives. All MLP and softmax arithmetic is in fp32; p @ V runs in v's dtype with fp32
 accumulation, as FlashAttention does, and in exact fp32, not tf32, for fp32 inputs. Score MLPs with exactly two
 hidden layers (the paper's 2P -> P -> P/2 -> 1 for P <= 16, or widths h1 <= 16, h2 <= 16) and the activations in
-KERNEL_ACTIVATIONS; value head size Ev <= 256; any L and S (0 too), L != S, is_causal (top-left aligned), boolean or
-additive float masks broadcastable to (..., L, S); any batch dims and strides. Offsets are int64 wherever a length
-meets a stride, and the grid is 1-D (up to 2^31 - 1 programs, so any B*H).
+KERNEL_ACTIVATIONS, with or without the residual dot product (then head size E <= 256); value head size Ev <= 256;
+any L and S (0 too), L != S, is_causal (top-left aligned), boolean or additive float masks broadcastable to
+(..., L, S); any batch dims and strides. Offsets are int64 wherever a length meets a stride, and the grid is 1-D
+(up to 2^31 - 1 programs, so any B*H).
 
 Launch: on a GPU each kernel is autotuned over the few AUTOTUNE_CONFIGS whose hidden tile fits the registers
-(_fitting_configs), keyed on L, S, Ev, the score MLP's shape, masking and every tensor's dtype; the interpreter,
-which cannot time anything, runs the largest fitting config; block_m/block_n/num_warps/num_stages fix one.
+(_fitting_configs), keyed on L, S, E, Ev, the score MLP's shape, masking, the residual term and every tensor's
+dtype; the interpreter, which cannot time anything, runs the largest fitting config; block_m/block_n/num_warps/
+num_stages fix one. The pruning counts the hidden tile only: a residual score's q (or k) and dq (or dk) tiles,
+(BLOCK_M, E) each, add registers, so its larger blocks spill more, most on older GPUs; autotuning times them.
 Caution: tested only in Triton's CPU interpreter (TRITON_INTERPRET=1: every config, fp32 and fp16; its bf16 matmul
 is wrong, so bf16 is checked on GPUs only, by `python -m minina bench --device cuda --check`), and compiled
 without a GPU for sm_90, sm_80 (bf16) and sm_75 (fp16); the autotune set is to be pruned by measurements on
-GPUs. Each new
-(L, S) is autotuned again (every fitting config timed, at every new shape); with lengths that vary, pass a fixed
-configuration. The backward has no double backward: it raises whenever autograd asks it to build a graph
+GPUs. Each new (L, S) is autotuned again (every fitting config timed, at every new shape); with lengths that vary,
+pass a fixed configuration. The backward has no double backward: it raises whenever autograd asks it to build a graph
 (create_graph=True), as a gradient penalty would; and a float attn_mask gets no gradient.
 """
 import math
@@ -43,7 +48,7 @@ from .chunked import first_order_backward
 
 KERNEL_ACTIVATIONS = ("relu", "gelu")  # names of minina.activations.ACTIVATIONS that _activation implements
 MAX_HIDDEN = (16, 16)  # widest (h1, h2): the paper's (P, P // 2) up to P = 16, and a little beyond
-MAX_VALUE_DIM = 256
+MAX_VALUE_DIM = 256  # widest value head Ev, and head E of a residual score's q . k tile
 NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
 LOG2E = math.log2(math.e)  # folded into the last layer on the host; the kernels write 1.44269... and ln 2 out
 
@@ -55,7 +60,8 @@ AUTOTUNE_CONFIGS = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_
 # fp32 registers per thread that one (BLOCK_M, BLOCK_N, H1P) hidden tile may take: larger tiles spill registers
 # (ptxas -v shows how much), most in the backward kernels; autotuning times the spilling configs out.
 TILE_REGISTERS = 32
-TUNING_KEY = ["L", "S", "EV", "H1", "H2", "GELU", "MASK_KIND", "IS_CAUSAL"]  # plus every tensor's dtype (Triton)
+# what the autotuner keys on; Triton adds every tensor's dtype
+TUNING_KEY = ["L", "S", "E", "EV", "H1", "H2", "GELU", "MASK_KIND", "IS_CAUSAL", "HAS_DOT"]
 
 
 def _fits(config, h1_padded):
@@ -148,40 +154,64 @@ def _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND: tl.constexpr, IS_CAUS
 
 
 @triton.jit
-def _forward_kernel(A, Bk, V, Mask, W2, B2, W3, B3, Out, Lse,
+def _load_rows(X, offs, n, offs_e, E, stride_row, stride_e):
+    """Rows offs (those < n) of an (n, E) matrix, zero-padded to (len(offs), BLOCK_E): a q or k tile of the
+    residual score's dot product."""
+    return tl.load(X + offs[:, None] * stride_row + offs_e[None, :] * stride_e,
+                   mask=(offs[:, None] < n) & (offs_e[None, :] < E), other=0.0)
+
+
+@triton.jit
+def _dot_logits(q, k):
+    """The residual score's term q_i . k_j / sqrt(E) of a tile (q arrives divided by sqrt(E)), in the base-2 units
+    of s: FlashAttention's q k^T tile, (BLOCK_M, BLOCK_E) x (BLOCK_N, BLOCK_E) -> (BLOCK_M, BLOCK_N)."""
+    return tl.dot(q, tl.trans(k), input_precision="ieee") * 1.4426950408889634  # log2(e)
+
+
+@triton.jit
+def _forward_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, Out, Lse,
                     stride_ab, stride_ah, stride_am, stride_au,
-                    stride_kb, stride_kh, stride_kn, stride_ku,
+                    stride_bb, stride_bh, stride_bn, stride_bu,
+                    stride_qb, stride_qh, stride_qm, stride_qe,
+                    stride_kb, stride_kh, stride_kn, stride_ke,
                     stride_vb, stride_vh, stride_vn, stride_vd,
                     stride_mb, stride_mh, stride_mm, stride_mn,
                     stride_ob, stride_oh, stride_om, stride_od,
-                    heads, L, S, H1, EV,
+                    heads, L, S, H1, E, EV,
                     H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr, GELU: tl.constexpr,
-                    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: BLOCK_M queries of one (batch, head); out = softmax(s) V over all key blocks, and logsumexp."""
+                    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: BLOCK_M queries of one (batch, head); out = softmax(s) V over all key blocks, and logsumexp.
+    HAS_DOT (a residual score): s also gets q_i . k_j from Q = q / sqrt(E) (B, H, L, E) and K = k (B, H, S, E)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 from here on: a length times a stride may pass 2^31
     blocks_m = tl.cdiv(L, BLOCK_M)
     start_m, off_bh = pid % blocks_m, pid // blocks_m  # query blocks vary fastest: a head's programs run together
     off_b, off_h = off_bh // heads, off_bh % heads
     A += off_b * stride_ab + off_h * stride_ah  # move every pointer to this (batch, head)
-    Bk += off_b * stride_kb + off_h * stride_kh
+    Bk += off_b * stride_bb + off_h * stride_bh
     V += off_b * stride_vb + off_h * stride_vh
     Mask += off_b * stride_mb + off_h * stride_mh
     Out += off_b * stride_ob + off_h * stride_oh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
-    offs_u, offs_d, offs_c = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P)
+    offs_u, offs_d, offs_c, offs_e = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P), tl.arange(0, BLOCK_E)
     w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
     a = tl.load(A + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
                 mask=(offs_m[:, None] < L) & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_M, H1P)
+    if HAS_DOT:  # the residual score's queries, loaded once like A
+        Q += off_b * stride_qb + off_h * stride_qh
+        K += off_b * stride_kb + off_h * stride_kh
+        q = _load_rows(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the logits
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of 2^(s - m_i) V
     end_n = tl.minimum(S, (start_m + 1) * BLOCK_M) if IS_CAUSAL else S  # later keys are all in the future
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
-        bk = tl.load(Bk + offs_n[:, None] * stride_kn + offs_u[None, :] * stride_ku,
+        bk = tl.load(Bk + offs_n[:, None] * stride_bn + offs_u[None, :] * stride_bu,
                      mask=(offs_n[:, None] < S) & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
         s, _, _, _ = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, False)
+        if HAS_DOT:  # s_ij += q_i . k_j / sqrt(E)
+            s += _dot_logits(q, _load_rows(K, offs_n, S, offs_e, E, stride_kn, stride_ke))
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i' = max(m_i, max_j s_ij)
@@ -202,36 +232,44 @@ def _forward_kernel(A, Bk, V, Mask, W2, B2, W3, B3, Out, Lse,
 
 
 @triton.jit
-def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DBk, DV,
+def _backward_keys_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DBk, DK, DV,
                           stride_ab, stride_ah, stride_am, stride_au,
-                          stride_kb, stride_kh, stride_kn, stride_ku,
+                          stride_bb, stride_bh, stride_bn, stride_bu,
+                          stride_qb, stride_qh, stride_qm, stride_qe,
+                          stride_kb, stride_kh, stride_kn, stride_ke,
                           stride_vb, stride_vh, stride_vn, stride_vd,
                           stride_mb, stride_mh, stride_mm, stride_mn,
                           stride_ob, stride_oh, stride_om, stride_od,
-                          heads, L, S, H1, EV,
+                          heads, L, S, H1, E, EV,
                           H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr, GELU: tl.constexpr,
-                          MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: BLOCK_N keys of one (batch, head); loops over query blocks for dV_j and dBk_j."""
+                          MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: BLOCK_N keys of one (batch, head); loops over query blocks for dV_j and dBk_j (and, HAS_DOT,
+    the residual term's dK_j in base 2: the host multiplies it by log2(e))."""
     pid = tl.program_id(0).to(tl.int64)  # int64 from here on: a length times a stride may pass 2^31
     blocks_n = tl.cdiv(S, BLOCK_N)
     start_n, off_bh = pid % blocks_n, pid // blocks_n
     off_b, off_h = off_bh // heads, off_bh % heads
     A += off_b * stride_ab + off_h * stride_ah  # move every pointer to this (batch, head)
-    Bk += off_b * stride_kb + off_h * stride_kh
+    Bk += off_b * stride_bb + off_h * stride_bh
     V += off_b * stride_vb + off_h * stride_vh
     Mask += off_b * stride_mb + off_h * stride_mh
     DOut += off_b * stride_ob + off_h * stride_oh
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int64
-    offs_u, offs_d, offs_c = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P)
+    offs_u, offs_d, offs_c, offs_e = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P), tl.arange(0, BLOCK_E)
     w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
     key_rows = offs_n[:, None] < S
-    bk = tl.load(Bk + offs_n[:, None] * stride_kn + offs_u[None, :] * stride_ku,
+    bk = tl.load(Bk + offs_n[:, None] * stride_bn + offs_u[None, :] * stride_bu,
                  mask=key_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=key_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_D)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dbk = tl.zeros([BLOCK_N, H1P], dtype=tl.float32)
+    if HAS_DOT:  # the residual score's keys, loaded once like Bk
+        Q += off_b * stride_qb + off_h * stride_qh
+        K += off_b * stride_kb + off_h * stride_kh
+        k = _load_rows(K, offs_n, S, offs_e, E, stride_kn, stride_ke)  # (BLOCK_N, BLOCK_E)
+        dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     first_m = start_n * BLOCK_N if IS_CAUSAL else 0  # causal: earlier queries never see these keys
     for start_m in range(first_m, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
@@ -243,6 +281,9 @@ def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DBk,
         lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,) base 2
         delta = tl.load(Delta + off_bh * L + offs_m, mask=offs_m < L, other=0.0)  # (BLOCK_M,) rowsum(dO * O)
         s, _, _, ds_du = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, True)
+        if HAS_DOT:
+            q = _load_rows(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
+            s += _dot_logits(q, k)  # s_ij += q_i . k_j / sqrt(E)
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse[:, None])  # the forward's softmax weights, recomputed
@@ -251,35 +292,43 @@ def _backward_keys_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DBk,
         # softmax backward, ds_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij'), times ln 2: the gradient of the base-2 s
         ds = p * (dp - delta[:, None]) * 0.6931471805599453
         dbk += tl.sum(ds[:, :, None] * ds_du, axis=0)  # dBk_j = sum_i ds_ij ds_ij/du_ij
+        if HAS_DOT:  # dK_j = sum_i ds_ij q_i, as FlashAttention's dS^T Q
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
     tl.store(DV + off_bh * S * EV + offs_n[:, None] * EV + offs_d[None, :], dv, mask=key_rows & (offs_d[None, :] < EV))
     tl.store(DBk + off_bh * S * H1 + offs_n[:, None] * H1 + offs_u[None, :], dbk,
              mask=key_rows & (offs_u[None, :] < H1))
+    if HAS_DOT:
+        tl.store(DK + off_bh * S * E + offs_n[:, None] * E + offs_e[None, :], dk, mask=key_rows & (offs_e[None, :] < E))
 
 
 @triton.jit
-def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DA, DW2, DB2, DW3, DB3,
+def _backward_queries_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, DA, DQ, DW2, DB2, DW3, DB3,
                              stride_ab, stride_ah, stride_am, stride_au,
-                             stride_kb, stride_kh, stride_kn, stride_ku,
+                             stride_bb, stride_bh, stride_bn, stride_bu,
+                             stride_qb, stride_qh, stride_qm, stride_qe,
+                             stride_kb, stride_kh, stride_kn, stride_ke,
                              stride_vb, stride_vh, stride_vn, stride_vd,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              stride_ob, stride_oh, stride_om, stride_od,
-                             heads, L, S, H1, EV,
+                             heads, L, S, H1, E, EV,
                              H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr, GELU: tl.constexpr,
-                             MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: BLOCK_M queries of one (batch, head); loops over key blocks for dA_i and this program's
-    partial sums of the MLP parameter gradients (summed over programs in PyTorch, so no races)."""
+                             MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOT: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+    """One program: BLOCK_M queries of one (batch, head); loops over key blocks for dA_i (HAS_DOT: and dQ_i, in
+    base 2 as dK) and this program's partial sums of the MLP parameter gradients (summed over programs in PyTorch,
+    so no races)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 from here on: a length times a stride may pass 2^31
     blocks_m = tl.cdiv(L, BLOCK_M)
     start_m, off_bh = pid % blocks_m, pid // blocks_m
     off_b, off_h = off_bh // heads, off_bh % heads
     A += off_b * stride_ab + off_h * stride_ah  # move every pointer to this (batch, head)
-    Bk += off_b * stride_kb + off_h * stride_kh
+    Bk += off_b * stride_bb + off_h * stride_bh
     V += off_b * stride_vb + off_h * stride_vh
     Mask += off_b * stride_mb + off_h * stride_mh
     DOut += off_b * stride_ob + off_h * stride_oh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
-    offs_u, offs_d, offs_c = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P)
+    offs_u, offs_d, offs_c, offs_e = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P), tl.arange(0, BLOCK_E)
     w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
     query_rows = offs_m[:, None] < L
     a = tl.load(A + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
@@ -293,21 +342,31 @@ def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, D
     d_b2 = tl.zeros([H2P], dtype=tl.float32)
     d_w3 = tl.zeros([H2P], dtype=tl.float32)
     d_b3 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_DOT:  # the residual score's queries, loaded once like A
+        Q += off_b * stride_qb + off_h * stride_qh
+        K += off_b * stride_kb + off_h * stride_kh
+        q = _load_rows(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
+        dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     end_n = tl.minimum(S, (start_m + 1) * BLOCK_M) if IS_CAUSAL else S
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
         key_rows = offs_n[:, None] < S
-        bk = tl.load(Bk + offs_n[:, None] * stride_kn + offs_u[None, :] * stride_ku,
+        bk = tl.load(Bk + offs_n[:, None] * stride_bn + offs_u[None, :] * stride_bu,
                      mask=key_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=key_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_D)
         s, h, z, ds_du = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, True)
+        if HAS_DOT:
+            k = _load_rows(K, offs_n, S, offs_e, E, stride_kn, stride_ke)  # (BLOCK_N, BLOCK_E)
+            s += _dot_logits(q, k)  # s_ij += q_i . k_j / sqrt(E)
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None]) * 0.6931471805599453  # gradient of the base-2 logits, as in the keys kernel
         da += tl.sum(ds[:, :, None] * ds_du, axis=1)  # dA_i = sum_j ds_ij ds_ij/du_ij
+        if HAS_DOT:  # dQ_i = sum_j ds_ij k_j, as FlashAttention's dS K
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
         tile_w2, tile_b2, tile_w3 = _parameter_grads(ds, h, z, w3, offs_c, H2, GELU)
         d_w2 += tile_w2
         d_b2 += tile_b2
@@ -315,6 +374,9 @@ def _backward_queries_kernel(A, Bk, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta, D
         d_b3 += tl.sum(ds, axis=1)
     tl.store(DA + off_bh * L * H1 + offs_m[:, None] * H1 + offs_u[None, :], da,
              mask=query_rows & (offs_u[None, :] < H1))
+    if HAS_DOT:
+        tl.store(DQ + off_bh * L * E + offs_m[:, None] * E + offs_e[None, :], dq,
+                 mask=query_rows & (offs_e[None, :] < E))
     tl.store(DW2 + pid * H2P * H1P + offs_c[:, None] * H1P + offs_u[None, :], d_w2)
     tl.store(DB2 + pid * H2P + offs_c, d_b2)
     tl.store(DW3 + pid * H2P + offs_c, d_w3)
@@ -353,62 +415,77 @@ def _padded_parameters(w2, b2, w3, b3):
     return W2, B2, W3, (b3.float() * LOG2E).contiguous()
 
 
-class TritonNeuralAttention(torch.autograd.Function):
-    """The kernels as an autograd Function of (A, Bk, V) and the MLP layers after the split one.
+def _pointers_and_strides(A, Bk, q_dot, k_dot, v, mask):
+    """The kernels' first six tensors (A, Bk, Q, K, V, Mask) and their 24 strides, A and stride 0 standing in for
+    the absent ones (no residual score, no mask), which the kernels never read."""
+    tensors = (A, Bk, q_dot, k_dot, v, mask)
+    strides = [stride for t in tensors for stride in (t.stride() if t is not None else (0, 0, 0, 0))]
+    return [A if t is None else t for t in tensors], strides
 
-    A (B, H, L, h1), Bk (B, H, S, h1), v (B, H, S, Ev), any strides; w2 (h2, h1), b2 (h2,), w3 (1, h2), b3 (1,);
-    mask None, uint8 (nonzero = may attend) or float (added), broadcast to (B, H, L, S) -> out (B, H, L, Ev).
-    config: a triton.Config with BLOCK_M and BLOCK_N, or None to autotune.
+
+class TritonNeuralAttention(torch.autograd.Function):
+    """The kernels as an autograd Function of (A, Bk), the residual score's (q / sqrt(E), k), v and the MLP layers
+    after the split one.
+
+    A (B, H, L, h1), Bk (B, H, S, h1), q_dot (B, H, L, E) and k_dot (B, H, S, E) or both None, v (B, H, S, Ev), any
+    strides; w2 (h2, h1), b2 (h2,), w3 (1, h2), b3 (1,); mask None, uint8 (nonzero = may attend) or float (added),
+    broadcast to (B, H, L, S) -> out (B, H, L, Ev). config: a triton.Config with BLOCK_M and BLOCK_N, or None to
+    autotune.
     """
 
     @staticmethod
-    def forward(ctx, A, Bk, v, w2, b2, w3, b3, mask, is_causal, gelu, config):
+    def forward(ctx, A, Bk, q_dot, k_dot, v, w2, b2, w3, b3, mask, is_causal, gelu, config):
         batch, heads, L, h1 = A.shape
         S, value_dim = v.shape[-2:]
+        head_dim = 0 if q_dot is None else q_dot.shape[-1]
         out = torch.empty(batch, heads, L, value_dim, dtype=v.dtype, device=v.device)  # (B, H, L, Ev)
         lse = torch.empty(batch * heads, L, dtype=torch.float32, device=v.device)  # (B*H, L)
         mask_kind = NO_MASK if mask is None else BOOL_MASK if mask.dtype == torch.uint8 else FLOAT_MASK
         shared = dict(H1P=triton.next_power_of_2(h1), H2=w2.shape[0], H2P=triton.next_power_of_2(w2.shape[0]),
-                      GELU=gelu, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
+                      GELU=gelu, MASK_KIND=mask_kind, IS_CAUSAL=is_causal, HAS_DOT=q_dot is not None,
+                      BLOCK_E=max(16, triton.next_power_of_2(head_dim)),
                       BLOCK_D=max(16, triton.next_power_of_2(value_dim)))
-        mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+        pointers, strides = _pointers_and_strides(A, Bk, q_dot, k_dot, v, mask)
         _launch(_forward_kernel, config, L, "BLOCK_M", batch * heads,
-                A, Bk, v, A if mask is None else mask, *_padded_parameters(w2, b2, w3, b3), out, lse,
-                *A.stride(), *Bk.stride(), *v.stride(), *mask_strides, *out.stride(), heads, L, S, h1, value_dim,
-                **shared)
-        ctx.save_for_backward(A, Bk, v, w2, b2, w3, b3, mask, out, lse)
+                *pointers, *_padded_parameters(w2, b2, w3, b3), out, lse, *strides, *out.stride(),
+                heads, L, S, h1, head_dim, value_dim, **shared)
+        ctx.save_for_backward(A, Bk, q_dot, k_dot, v, w2, b2, w3, b3, mask, out, lse)
         ctx.shared, ctx.config = shared, config
         return out
 
     @staticmethod
     @first_order_backward("triton")  # the kernels have no backward of their own
     def backward(ctx, d_out):
-        A, Bk, v, w2, b2, w3, b3, mask, out, lse = ctx.saved_tensors
+        A, Bk, q_dot, k_dot, v, w2, b2, w3, b3, mask, out, lse = ctx.saved_tensors
         shared, config = ctx.shared, ctx.config
         batch, heads, L, h1 = A.shape
         S, value_dim = v.shape[-2:]
+        head_dim = 0 if q_dot is None else q_dot.shape[-1]
         h2, H1P, H2P = w2.shape[0], shared["H1P"], shared["H2P"]
         delta = (d_out.float() * out.float()).sum(-1).reshape(batch * heads, L)  # (B*H, L) rowsum(dO * O)
         smallest_m = min(c.kwargs["BLOCK_M"] for c in AUTOTUNE_CONFIGS) if config is None else config.kwargs["BLOCK_M"]
         programs = batch * heads * triton.cdiv(L, smallest_m)  # the most query programs any config launches
         fp32 = dict(dtype=torch.float32, device=v.device)
         dA, dBk = torch.empty(batch, heads, L, h1, **fp32), torch.empty(batch, heads, S, h1, **fp32)
+        dq, dk = torch.empty(batch, heads, L, head_dim, **fp32), torch.empty(batch, heads, S, head_dim, **fp32)
         dv = torch.empty(batch, heads, S, value_dim, **fp32)
         partial_w2, partial_b2 = torch.zeros(programs, H2P, H1P, **fp32), torch.zeros(programs, H2P, **fp32)
         partial_w3, partial_b3 = torch.zeros(programs, H2P, **fp32), torch.zeros(programs, **fp32)
-        inputs = (A, Bk, v, A if mask is None else mask, *_padded_parameters(w2, b2, w3, b3), d_out, lse, delta)
-        strides = (*A.stride(), *Bk.stride(), *v.stride(),
-                   *(mask.stride() if mask is not None else (0, 0, 0, 0)), *d_out.stride())
-        sizes = (heads, L, S, h1, value_dim)
-        _launch(_backward_keys_kernel, config, S, "BLOCK_N", batch * heads, *inputs, dBk, dv, *strides, *sizes,
-                **shared)
-        _launch(_backward_queries_kernel, config, L, "BLOCK_M", batch * heads,
-                *inputs, dA, partial_w2, partial_b2, partial_w3, partial_b3, *strides, *sizes, **shared)
+        pointers, strides = _pointers_and_strides(A, Bk, q_dot, k_dot, v, mask)
+        inputs = (*pointers, *_padded_parameters(w2, b2, w3, b3), d_out, lse, delta)
+        sizes = (heads, L, S, h1, head_dim, value_dim)
+        _launch(_backward_keys_kernel, config, S, "BLOCK_N", batch * heads, *inputs, dBk, dk, dv,
+                *strides, *d_out.stride(), *sizes, **shared)
+        _launch(_backward_queries_kernel, config, L, "BLOCK_M", batch * heads, *inputs, dA, dq,
+                partial_w2, partial_b2, partial_w3, partial_b3, *strides, *d_out.stride(), *sizes, **shared)
         d_w2 = partial_w2.sum(0)[:h2, :h1].to(w2.dtype)  # deterministic: a fixed-order sum over programs
         d_b2 = partial_b2.sum(0)[:h2].to(b2.dtype)
         d_w3 = (partial_w3.sum(0)[:h2] * LOG2E).reshape(1, h2).to(w3.dtype)  # the kernels saw w3 log2(e)
         d_b3 = (partial_b3.sum() * LOG2E).reshape(1).to(b3.dtype)
-        return (dA.to(A.dtype), dBk.to(Bk.dtype), dv.to(v.dtype), d_w2, d_b2, d_w3, d_b3,
+        # the kernels' dot term is q . k log2(e), and dq, dk are its gradients in the base-2 logits
+        d_q_dot, d_k_dot = (None, None) if q_dot is None else ((dq * LOG2E).to(q_dot.dtype),
+                                                               (dk * LOG2E).to(k_dot.dtype))
+        return (dA.to(A.dtype), dBk.to(Bk.dtype), d_q_dot, d_k_dot, dv.to(v.dtype), d_w2, d_b2, d_w3, d_b3,
                 None, None, None, None)
 
 
@@ -435,9 +512,6 @@ def _check_supported(q, v, score, attn_mask):
     if score.activation not in KERNEL_ACTIVATIONS:
         raise ValueError(f"backend='triton' implements the activations {KERNEL_ACTIVATIONS}, got "
                          f"score.activation={score.activation!r}; use backend='chunked'")
-    if score.residual:
-        raise ValueError("backend='triton' does not implement NeuralScore(residual=True) (the added q . k term); "
-                         "use backend='chunked'")
     hidden = score.hidden
     if len(hidden) != 2 or hidden[0] > MAX_HIDDEN[0] or hidden[1] > MAX_HIDDEN[1]:
         raise ValueError(f"backend='triton' supports score MLPs with two hidden layers (h1, h2), h1 <= "
@@ -445,13 +519,17 @@ def _check_supported(q, v, score, attn_mask):
                          f"backend='chunked'); got hidden={hidden}")
     if v.shape[-1] > MAX_VALUE_DIM:
         raise ValueError(f"backend='triton' supports value head sizes up to {MAX_VALUE_DIM}, got v {tuple(v.shape)}")
+    if score.residual and q.shape[-1] > MAX_VALUE_DIM:
+        raise ValueError(f"backend='triton' supports residual scores (NeuralScore(residual=True)) with head sizes up "
+                         f"to {MAX_VALUE_DIM}, got q {tuple(q.shape)}")
     if attn_mask is not None and attn_mask.requires_grad:
         raise ValueError("backend='triton' does not compute gradients for a float attn_mask; pass one that does not "
                          "require grad, or use backend='chunked'")
 
 
 def supports(q, v, score, attn_mask=None):
-    """Whether the kernels take these inputs (device, dtype on that device, score MLP, value size and mask)."""
+    """Whether the kernels take these inputs (device, dtype on that device, score MLP and activation, value size,
+    head size for a residual score, and mask)."""
     try:
         _check_supported(q, v, score, attn_mask)
     except (TypeError, ValueError):
@@ -487,17 +565,19 @@ def triton_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, 
     AUTOTUNE_CONFIGS; block_m, block_n (powers of two, at least 16), num_warps and num_stages fix it instead.
     """
     _check_supported(q, v, score, attn_mask)
-    A, Bk, ((w2, b2), (w3, b3)) = score.split(q, k)  # (..., L, h1), (..., S, h1)
+    A, Bk, ((w2, b2), (w3, b3)), dot = score.split(q, k, dot_term=True)  # (..., L, h1), (..., S, h1)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    L, S, h1 = q.shape[-2], k.shape[-2], A.shape[-1]
+    L, S, E, h1 = q.shape[-2], k.shape[-2], q.shape[-1], A.shape[-1]
     config = _launch_config(h1, block_m, block_n, num_warps, num_stages, q.device)
     A = _as_batch_heads(A, batch, (L, h1))  # (B, H, L, h1)
     Bk = _as_batch_heads(Bk, batch, (S, h1))  # (B, H, S, h1)
+    q_dot, k_dot = (None, None) if dot is None else (_as_batch_heads(dot[0], batch, (L, E)),  # (B, H, L, E)
+                                                     _as_batch_heads(dot[1], batch, (S, E)))  # (B, H, S, E)
     values = _as_batch_heads(v, batch, v.shape[-2:])  # (B, H, S, Ev)
     mask = None
     if attn_mask is not None:
         mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
         mask = _as_batch_heads(mask, batch, (L, S))  # (B, H, L, S), stride 0 where broadcast
-    out = TritonNeuralAttention.apply(A, Bk, values, w2, b2, w3, b3, mask, bool(is_causal),
+    out = TritonNeuralAttention.apply(A, Bk, q_dot, k_dot, values, w2, b2, w3, b3, mask, bool(is_causal),
                                       score.activation == "gelu", config)
     return out.reshape(*batch, L, v.shape[-1])  # (..., L, Ev)

@@ -1,11 +1,15 @@
 """NeuralScore's opt-in training options do what they claim, and the defaults stay the paper's."""
+import copy
 import math
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 
 import minina
+from minina import compiled, neural_attention
+from minina.attention import BACKENDS
 from minina.scores import RELIABLE_SCORE_OPTIONS, NeuralScore
 from minina.tools.study import VARIANTS
 
@@ -181,6 +185,33 @@ def test_reliable_options_are_a_studied_variant_and_build_a_score():
     assert RELIABLE_SCORE_OPTIONS in [options for options in VARIANTS.values() if options]
     score = NeuralScore(64, **RELIABLE_SCORE_OPTIONS)
     assert score.logits(torch.randn(3, 64), torch.randn(4, 64)).shape == (3, 4)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
+def test_reliable_options_run_on_every_backend(backend):
+    """The recommended score is one every backend takes: output and gradients equal the float64 reference."""
+    if backend == "triton":
+        pytest.importorskip("triton", reason="backend='triton' needs the triton package")
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("no GPU and TRITON_INTERPRET is not 1: the kernels cannot run")
+    if backend == "compiled" and compiled.unavailable_reason():
+        pytest.skip(f"backend='compiled' unavailable: {compiled.unavailable_reason()}")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    score = NeuralScore(32, **RELIABLE_SCORE_OPTIONS).to(device)
+    with torch.no_grad():  # the last layer starts small: make every layer matter to the gradients
+        for parameter in score.parameters():
+            parameter.normal_(0, 0.5)
+    q, k, v = (torch.randn(2, 2, n, 32, device=device, requires_grad=True) for n in (19, 23, 23))
+    reference = copy.deepcopy(score).double()
+    args = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    weight = torch.randn(2, 2, 19, 32, device=device)
+    expected = neural_attention(*args, reference, is_causal=True, backend="reference")
+    expected_grads = torch.autograd.grad((expected * weight.double()).sum(), [*args, *reference.parameters()])
+    out = neural_attention(q, k, v, score, is_causal=True, backend=backend)
+    grads = torch.autograd.grad((out * weight).sum(), [q, k, v, *score.parameters()])
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
 
 
 def test_repr_names_the_options():

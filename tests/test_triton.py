@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minina import MultiHeadAttention, NeuralScore, neural_attention
+from minina import MultiHeadAttention, NeuralScore, dot_product_attention, neural_attention
 from minina.activations import ACTIVATIONS, Activation
 from minina.attention import resolve_backend
 from minina.tools import triton_check
@@ -145,6 +145,13 @@ def test_low_precision_error_at_most_twice_the_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_residual_score_in_low_precision_keeps_the_rule(dtype):
+    """The q k^T tile in float16 or bfloat16 with float32 accumulation, as FlashAttention's."""
+    skip_bf16_in_the_interpreter(dtype)
+    assert_low_precision_within_the_rule(dtype, LOW_PRECISION_LENGTHS, DEVICE, residual=True)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_autocast_mixed_dtypes(dtype):
     """Under autocast split() gives A in float32 (its bias add promotes) but Bk and v in low precision; the kernels
     take the mix and keep the flash-attention error rule. The interpreter checks float16 only (see above)."""
@@ -253,14 +260,68 @@ def test_an_activation_the_kernels_lack_is_refused(monkeypatch):
     assert resolve_backend("auto", q, q, score) == "chunked"
 
 
-def test_a_residual_score_is_refused():
-    """The kernels lack the residual q . k term: refused with a clear error, and "auto" falls back to chunked."""
-    score = NeuralScore(8, residual=True).to(DEVICE)
+@pytest.mark.parametrize("L, S, head_dim, is_causal, mask_kind, options, blocks", [
+    (20, 35, 8, False, "float", {}, (16, 16)),  # the paper's MLP; E = 8 padded to a 16-wide q k^T tile
+    (35, 20, 24, True, "bool", {"hidden": "wide", "activation": "gelu"}, (16, 32)),  # E = 24 in a 32-wide tile
+    (20, 35, 24, True, None, {"learn_scale": True}, (32, 16)),  # the scale multiplies the MLP, not q . k
+])
+def test_residual_score_matches_reference(L, S, head_dim, is_causal, mask_kind, options, blocks):
+    """NeuralScore(residual=True) adds q_i . k_j / sqrt(E): one more tile product in the forward, dS K and
+    dS^T Q in the backward. Output and the gradients of q, k, v and every score parameter against float64;
+    lengths that leave partial last blocks."""
+    score = lively_score(head_dim, proj_dim=4, residual=True, **options)
+    q, k, v = (torch.randn(1, 2, n, d, device=DEVICE) for n, d in ((L, head_dim), (S, head_dim), (S, 5)))
+    mask = make_mask(mask_kind, (L, S) if mask_kind == "bool" else (1, 2, L, S))
+    assert_matches_reference(q, k, v, score, mask, is_causal, block_m=blocks[0], block_n=blocks[1])
+
+
+@pytest.mark.parametrize("L, S", [(0, 20), (20, 0)])
+def test_residual_score_with_no_queries_or_no_keys(L, S):
+    score = lively_score(8, proj_dim=2, residual=True)
+    q, k, v = (torch.randn(1, 2, n, 8, device=DEVICE) for n in (L, S, S))
+    assert_matches_reference(q, k, v, score, make_mask("bool", (L, S)), is_causal=True, **BLOCKS_16)
+
+
+def test_residual_score_with_strides_and_broadcast_batch_dims():
+    """The scaled q and k of the dot term broadcast and keep their strides like A and Bk."""
+    score = lively_score(8, proj_dim=2, residual=True)
+    q = torch.randn(2, 20, 3, 8, device=DEVICE).transpose(1, 2)  # (B, H, L, E) from (B, L, H, E): strided
+    k = torch.randn(1, 3, 18, 8, device=DEVICE)  # shared by the batch
+    v = torch.randn(2, 1, 18, 16, device=DEVICE)[..., ::2]  # shared by the heads, every other feature
+    assert_matches_reference(q, k, v, score, make_mask("float", (20, 18)), is_causal=True, **BLOCKS_16)
+
+
+def test_a_fresh_residual_score_is_dot_product_attention():
+    """A residual score starts with its MLP's last layer at zero: the kernels then compute scaled dot-product
+    attention, checked against minina's dot_product_attention, an independent reference; the last layer still gets
+    its gradient (GELU: no unit is dead at init), as in the reference backend."""
+    score = NeuralScore(16, residual=True, hidden="wide", activation="gelu").to(DEVICE)
+    q, k, v = (torch.randn(2, 19, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = triton_neural_attention(q, k, v, score, is_causal=True, **BLOCKS_16)
+    expected = dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, expected)
+    d_out = torch.randn_like(out)
+    last = score.linears()[-1].weight  # (1, h2), zero
+    *grads, d_last = torch.autograd.grad(out, (q, k, v, last), d_out)
+    for actual, wanted in zip(grads, torch.autograd.grad(expected, (q, k, v), d_out)):
+        torch.testing.assert_close(actual, wanted)
+    (expected_d_last,) = torch.autograd.grad(neural_attention(q, k, v, score, is_causal=True, backend="reference"),
+                                             last, d_out)
+    torch.testing.assert_close(d_last, expected_d_last)
+    assert d_last.abs().min() > 1e-3  # the MLP's way out of dot-product attention
+
+
+def test_residual_scores_are_supported_up_to_head_size_256():
+    """The q k^T tile takes head sizes up to 256, as the value tile does; "auto" picks the kernels on CUDA."""
     q = torch.randn(4, 8, device=DEVICE)
-    assert not supports(q, q, score)
-    with pytest.raises(ValueError, match=r"does not implement NeuralScore\(residual=True\)"):
-        triton_neural_attention(q, q, q, score)
-    assert resolve_backend("auto", q, q, score) == "chunked"
+    score = NeuralScore(8, residual=True).to(DEVICE)
+    assert supports(q, q, score)
+    if DEVICE == "cuda":
+        assert resolve_backend("auto", q, q, score) == "triton"
+    q, wide = torch.randn(4, 320, device=DEVICE), NeuralScore(320, residual=True).to(DEVICE)
+    assert supports(q, q[:, :8], NeuralScore(320).to(DEVICE)) and not supports(q, q[:, :8], wide)
+    with pytest.raises(ValueError, match=r"residual scores .*head sizes up to 256, got q \(4, 320\)"):
+        triton_neural_attention(q, q, q[:, :8], wide)
 
 
 def test_bfloat16_is_refused_below_compute_capability_8(monkeypatch):
@@ -344,15 +405,17 @@ def test_the_packaged_self_test_reports_passes_and_failures(monkeypatch):
 
 
 def test_the_gpu_check_list_covers_configs_and_dtypes_and_runs(monkeypatch):
-    """The list `bench --check` runs on a GPU: every autotune config, fp16 and bf16 (on compute capability 8.0 and
-    up), the refused double backward; a few of its checks run here as they would there."""
+    """The list `bench --check` runs on a GPU: every autotune config, the residual score, fp16 and bf16 (on compute
+    capability 8.0 and up), the refused double backward; a few of its checks run here as they would there."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     checks = dict(triton_check.gpu_checks(torch.device(DEVICE)))
     configs = {"config {BLOCK_M}x{BLOCK_N}".format(**config.kwargs) for config in AUTOTUNE_CONFIGS}
     assert configs <= set(checks) and len(checks) > len(configs) + 20
-    assert {"float16 L=1000 S=1100", "bfloat16 autocast L=1000 S=1100", "B*H = 65,600"} <= set(checks)
-    names = ["double backward raises", "strides and broadcast batch dims", "L=35 S=20 causal=True mask=bool"]
+    assert {"float16 L=1000 S=1100", "bfloat16 autocast L=1000 S=1100", "B*H = 65,600", "bfloat16 residual L=1000 "
+            "S=1100", "residual autotuned L=300 S=257", "residual wide+gelu E=128 L=257 S=300"} <= set(checks)
+    names = ["double backward raises", "strides and broadcast batch dims", "L=35 S=20 causal=True mask=bool",
+             "residual L=20 S=35 causal=False mask=float"]
     chosen = [(name, checks[name]) for name in names]
-    assert triton_check.run_checks(DEVICE, chosen, progress=lambda line: None) == (3, [])
+    assert triton_check.run_checks(DEVICE, chosen, progress=lambda line: None) == (4, [])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no bf16
     assert not any("bfloat16" in name for name, _ in triton_check.gpu_checks(torch.device(DEVICE)))

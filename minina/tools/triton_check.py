@@ -93,11 +93,12 @@ def assert_error_at_most_twice_the_reference(names, actual, reference_low, expec
                 f"{reference_error:.3g}")
 
 
-def assert_low_precision_within_the_rule(dtype, lengths, device, autocast=False):
+def assert_low_precision_within_the_rule(dtype, lengths, device, autocast=False, **score_options):
     """The paper-shaped kernels on float16 or bfloat16 inputs (autocast=True: the mix autocast gives, A in float32
-    and keys and values in dtype) keep flash-attention's error rule on every output and gradient."""
+    and keys and values in dtype) keep flash-attention's error rule on every output and gradient. score_options
+    go to the NeuralScore (e.g. residual=True)."""
     L, S, device = *lengths, torch.device(device)
-    score = lively_score(16, device, proj_dim=4)
+    score = lively_score(16, device, proj_dim=4, **score_options)
     q, k, v = (torch.randn(1, 2, n, 16, device=device) for n in (L, S, S))
     low = [t.to(dtype) for t in (q, k, v, torch.randn(1, 2, L, 16, device=device))]
     score_low = score if autocast else copy.deepcopy(score).to(dtype)
@@ -116,8 +117,9 @@ def assert_low_precision_within_the_rule(dtype, lengths, device, autocast=False)
 
 def gpu_checks(device):
     """(name, check) pairs run by `bench --check`: every autotune config, masks, causal, L != S, empty and long
-    sequences, score shapes and activations, strides and broadcasting, fp16 and bf16 (plain and under autocast),
-    a B*H beyond a CUDA grid axis, a deterministic backward, and the refused double backward."""
+    sequences, score shapes and activations, the residual score (its q k^T tile), strides and broadcasting, fp16
+    and bf16 (plain and under autocast), a B*H beyond a CUDA grid axis, a deterministic backward, and the refused
+    double backward."""
     from ..triton_kernels import AUTOTUNE_CONFIGS, _fits, triton_neural_attention
 
     def every_config(config):
@@ -129,10 +131,10 @@ def gpu_checks(device):
                                  is_causal=block_m != block_n, block_m=block_m, block_n=block_n,
                                  num_warps=config.num_warps, num_stages=config.num_stages)
 
-    def masks(L, S, is_causal, mask_kind):
+    def masks(L, S, is_causal, mask_kind, **options):
         q, k, v = (torch.randn(1, 2, n, d, device=device) for n, d in ((L, 8), (S, 8), (S, 5)))
         mask = make_mask(mask_kind, (L, S) if mask_kind == "bool" else (1, 2, L, S), device)
-        assert_matches_reference(q, k, v, lively_score(8, device, proj_dim=4), mask, is_causal)
+        assert_matches_reference(q, k, v, lively_score(8, device, proj_dim=4, **options), mask, is_causal)
 
     def lengths(L, S, head_dim=64, **options):
         q, k, v = (torch.randn(1, 2, n, head_dim, device=device) for n in (L, S, S))
@@ -168,17 +170,26 @@ def gpu_checks(device):
               for c in AUTOTUNE_CONFIGS]
     checks += [(f"L={L} S={S} causal={causal} mask={kind}", lambda a=(L, S, causal, kind): masks(*a))
                for L, S in ((20, 35), (35, 20)) for causal in (False, True) for kind in (None, "bool", "float")]
+    checks += [(f"residual L={L} S={S} causal={causal} mask={kind}",
+                lambda a=(L, S, causal, kind): masks(*a, residual=True))
+               for L, S in ((20, 35), (35, 20)) for causal in (False, True) for kind in ("bool", "float")]
     checks += [(f"autotuned L={L} S={S}", lambda a=(L, S): lengths(*a)) for L, S in ((300, 257), (257, 300), (0, 20),
                                                                                   (20, 0), (2048, 2048))]
     checks += [("d'=16", lambda: lengths(64, 64, 32, proj_dim=16)),
                ("gelu, hidden (6, 3)", lambda: lengths(70, 70, 16, proj_dim=4, hidden=(6, 3), activation="gelu")),
                ("learn_scale", lambda: lengths(70, 70, 16, proj_dim=4, learn_scale=True)),
+               ("residual autotuned L=300 S=257", lambda: lengths(300, 257, residual=True)),
+               ("residual wide+gelu E=128 L=257 S=300",
+                lambda: lengths(257, 300, 128, residual=True, hidden="wide", activation="gelu")),
                ("strides and broadcast batch dims", strides), ("B*H = 65,600", many_batch_heads),
                ("deterministic backward", deterministic), ("double backward raises", double_backward_raises)]
     low = [torch.float16] + ([torch.bfloat16] if torch.cuda.get_device_capability(device) >= (8, 0) else [])
     checks += [(f"{str(dtype)[6:]}{' autocast' if mix else ''} L=1000 S=1100",
                 lambda a=(dtype, mix): assert_low_precision_within_the_rule(a[0], (1000, 1100), device, a[1]))
                for dtype in low for mix in (False, True)]
+    checks += [(f"{str(dtype)[6:]} residual L=1000 S=1100",
+                lambda dtype=dtype: assert_low_precision_within_the_rule(dtype, (1000, 1100), device, residual=True))
+               for dtype in low]
     return checks
 
 
