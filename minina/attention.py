@@ -10,6 +10,7 @@ Arguments after attn_mask are keyword-only: SDPA's fifth positional argument is 
 is_causal, so a call copied from SDPA must not silently mean something else.
 """
 import functools
+import inspect
 import math
 
 import torch
@@ -31,6 +32,16 @@ def _no_positional(signature, args):
                         f"{len(args)} more positional: write {signature}. F.scaled_dot_product_attention's 5th "
                         f"positional argument is dropout_p, so a call copied from SDPA would silently mean "
                         f"something else here")
+
+
+def _documented_signature(function):
+    """Show function's signature as documented, a bare * after attn_mask (help(), inspect.signature): its *args
+    exists only to turn an SDPA-style positional call into _no_positional's TypeError. The function itself is
+    unchanged (no wrapper frame)."""
+    signature = inspect.signature(function)
+    function.__signature__ = signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.kind != p.VAR_POSITIONAL])
+    return function
 
 
 def _check_inputs(q, k, v, attn_mask):
@@ -73,6 +84,7 @@ def _weights(logits, attn_mask, is_causal):
     return masked_softmax(logits if bias is None else logits + bias)  # (..., L, S)
 
 
+@_documented_signature
 def dot_product_attention(q, k, v, attn_mask=None, *args, is_causal=False, scale=None):
     """softmax(q k^T * scale + mask) v, scale = 1/sqrt(E) by default (Vaswani et al. 2017, Eq. 1).
 
@@ -86,6 +98,7 @@ def dot_product_attention(q, k, v, attn_mask=None, *args, is_causal=False, scale
     return _weights(logits, attn_mask, is_causal) @ v  # (..., L, Ev)
 
 
+@_documented_signature
 def sdpa_attention(q, k, v, attn_mask=None, *args, is_causal=False, scale=None):
     """dot_product_attention computed by F.scaled_dot_product_attention (PyTorch's fused kernels), same results.
 
@@ -151,6 +164,12 @@ def _triton_imports():
     return True
 
 
+def check_backend(backend):
+    """Raise ValueError unless backend names one of BACKENDS."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def resolve_backend(backend, q, v=None, score=None, attn_mask=None):
     """The concrete backend name that `backend` means for tensors like q ("auto" picks the best available).
 
@@ -160,8 +179,7 @@ def resolve_backend(backend, q, v=None, score=None, attn_mask=None):
     MININA_COMPILE=0; without a C++ compiler or after a failed compile it warns once, naming the reason) and no
     outer torch.compile is tracing the call. "chunked" otherwise.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend != "auto":
         return backend
     if q.device.type == "cuda":
@@ -179,6 +197,7 @@ def resolve_backend(backend, q, v=None, score=None, attn_mask=None):
     return "chunked"
 
 
+@_documented_signature
 def neural_attention(q, k, v, score, attn_mask=None, *args, is_causal=False, backend="auto"):
     """softmax(s(q_i, k_j) + mask) v with s a NeuralScore (DiGiugno & Mahmood 2025, Eq. 3-5).
 
@@ -201,6 +220,7 @@ def neural_attention(q, k, v, score, attn_mask=None, *args, is_causal=False, bac
     return _IMPLEMENTATIONS[name](q, k, v, score, attn_mask, is_causal)
 
 
+@_documented_signature
 def attention_weights(q, k, score=None, attn_mask=None, *args, is_causal=False, scale=None):
     """The (..., L, S) attention matrix: dot-product when score is None, else neural with that NeuralScore."""
     _no_positional("attention_weights(q, k, score, attn_mask, is_causal=..., scale=...)", args)

@@ -8,11 +8,9 @@ the reference never exists: memory is O(batch * (L + S) * (E + h1)) plus one (qu
 
 The autograd Function below owns A, Bk, v and the remaining MLP layers; gradients of q, k, q_proj, k_proj and the
 first layer flow through split() by ordinary autograd. This file is the readable blueprint of the fused Triton
-kernel: the same loops, the same saved logsumexp, the same recomputation.
-Tested against the reference on CPU in float32 and float64, for ReLU, GELU and leaky ReLU scores of any hidden
-widths, a learned logit scale and the residual score (NeuralScore(residual=True) adds one dot product per pair,
-done per tile here: no (L, S) tensor); float16/bfloat16 inputs run with float32 tiles and accumulators
-(bfloat16 checked on CPU).
+kernel: the same loops, the same saved logsumexp, the same recomputation. Every NeuralScore option runs here
+(the residual score adds its dot product per tile: no (L, S) tensor); float16/bfloat16 inputs run with float32
+tiles and accumulators.
 Caution: pure PyTorch launches a few dozen small ops per tile, so it trades speed for memory (README, Performance);
 the fast paths are the compiled tiles on CPU (minina.compiled) and the fused Triton kernel on GPU.
 """

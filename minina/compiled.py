@@ -16,8 +16,7 @@ every L and S; the blocks depend on the batch size, and only sequences shorter t
 (compiled_block_size). No (..., L, S) tensor is made, and nothing but the inputs, the output and the logsumexp is
 saved for backward.
 
-Tested against the reference on CPU in float32 and float64 with every score option of chunked (any hidden widths,
-ReLU, GELU, leaky ReLU, learned scale, residual); float16/bfloat16 inputs run with float32 tiles, as chunked.
+Every score option that chunked runs runs here too; float16/bfloat16 inputs run with float32 tiles, as chunked.
 Caution: the first call of each configuration compiles, which is slow (README, Performance; Inductor's cache on
 disk makes later processes faster), so "auto" takes this backend only from COMPILE_MIN_PAIRS on. A compile error
 in the forward makes "auto" fall back to chunked; one in the backward (rare: both tiles use the same operations) is

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from .modules import KINDS, Block
 
+ATTENTIONS = KINDS + ("hybrid",)  # what `attention` may name: a kind for every block, or hybrid
+
 
 def block_kinds(attention, depth):
     """The attention kind of each of `depth` blocks."""
@@ -17,7 +19,7 @@ def block_kinds(attention, depth):
             return ["neural"] + ["dot"] * (depth - 1)
         if attention in KINDS:
             return [attention] * depth
-        raise ValueError(f"attention must be one of {KINDS + ('hybrid',)} or a list of kinds, got {attention!r}")
+        raise ValueError(f"attention must be one of {ATTENTIONS} or a list of kinds, got {attention!r}")
     kinds = list(attention)
     if len(kinds) != depth or any(kind not in KINDS for kind in kinds):
         raise ValueError(f"attention as a list needs {depth} entries from {KINDS}, got {kinds!r}")
@@ -35,6 +37,11 @@ def build_blocks(kinds, dim, heads, causal, mlp_ratio, dropout, attention_option
         return {name: value for name, value in attention_options.items() if name not in NEURAL_ONLY_OPTIONS}
     return nn.ModuleList(Block(dim, heads, kind, causal=causal, mlp_ratio=mlp_ratio, dropout=dropout,
                                **options(kind)) for kind in kinds)
+
+
+def next_token_loss(logits, targets, reduction="mean"):
+    """Cross-entropy of logits (B, T, vocab) against the next tokens targets (B, T), computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
 
 
 def _init_weights(module):
@@ -74,7 +81,7 @@ class TransformerLM(nn.Module):
 
         check_ids verifies 0 <= idx < vocab_size (an id outside would be an IndexError on CPU and a device-side
         assert that ends the process on CUDA); it reads one number back from the device, so a caller whose ids
-        are known to be valid (minina.train's, drawn from the corpus) passes check_ids=False to never wait for it.
+        are known to be valid (minina.tools.train's, drawn from the corpus) passes check_ids=False to never wait for it.
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
             raise ValueError(f"idx must be an integer tensor of shape (B, T), got "
@@ -99,8 +106,7 @@ class TransformerLM(nn.Module):
         if ((targets < 0) | (targets >= self.vocab_size)).any():
             raise ValueError(f"targets must hold token ids in [0, vocab_size={self.vocab_size}), got values in "
                              f"[{targets.min().item()}, {targets.max().item()}]")
-        logits = self(idx)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return next_token_loss(self(idx), targets)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):

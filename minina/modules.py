@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from .attention import BACKENDS, attention_weights, dot_product_attention, neural_attention, sdpa_attention
+from .attention import attention_weights, check_backend, dot_product_attention, neural_attention, sdpa_attention
 from .scores import NeuralScore
 
 KINDS = ("dot", "neural")
@@ -23,8 +23,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         if dim_head is None:
             if dim % heads:
                 raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) when dim_head is not given")

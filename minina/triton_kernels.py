@@ -25,17 +25,16 @@ any L and S (0 too), L != S, is_causal (top-left aligned), boolean or additive f
 (..., L, S); any batch dims and strides. Offsets are int64 wherever a length meets a stride, and the grid is 1-D
 (up to 2^31 - 1 programs, so any B*H).
 
-Launch: on a GPU each kernel is autotuned over the few CONFIGS whose hidden tile fits the registers
+Launch: on a GPU each kernel is autotuned over the few AUTOTUNE_CONFIGS whose hidden tile fits the registers
 (_fitting_configs), keyed on L, S, E, Ev, the score MLP's shape, masking, the residual term and every tensor's
 dtype; the interpreter, which cannot time anything, runs the largest fitting config; block_m/block_n/num_warps/
 num_stages fix one. The pruning counts the hidden tile only: a residual score's q (or k) and dq (or dk) tiles,
 (BLOCK_M, E) each, add registers, so its larger blocks spill more, most on older GPUs; autotuning times them.
 Caution: tested only in Triton's CPU interpreter (TRITON_INTERPRET=1: every config, fp32 and fp16; its bf16 matmul
 is wrong, so bf16 is checked on GPUs only, by `python -m minina bench --device cuda --check`), and compiled
-without a GPU for sm_90, sm_80 (bf16) and sm_75 (fp16). No GPU has run these kernels yet: nothing is timed, and
-the autotune set is a guess to be pruned by measurements. Each new
-(L, S) is autotuned again (every fitting config timed, at every new shape); with lengths that vary, pass a fixed
-configuration. The backward has no double backward: it raises whenever autograd asks it to build a graph
+without a GPU for sm_90, sm_80 (bf16) and sm_75 (fp16); the autotune set is to be pruned by measurements on
+GPUs. Each new (L, S) is autotuned again (every fitting config timed, at every new shape); with lengths that vary,
+pass a fixed configuration. The backward has no double backward: it raises whenever autograd asks it to build a graph
 (create_graph=True), as a gradient penalty would; and a float attn_mask gets no gradient.
 """
 import math
@@ -55,12 +54,11 @@ LOG2E = math.log2(math.e)  # folded into the last layer on the host; the kernels
 
 # The autotune set, smallest tiles first: (BLOCK_M, BLOCK_N) with num_warps and num_stages. 64- and 128-row blocks
 # let Hopper use its fastest matrix instructions for p @ V; (16, 16) is for the widest score MLPs (h1 = 16).
-CONFIGS = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+AUTOTUNE_CONFIGS = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
            for block_m, block_n, warps, stages in [(16, 16, 4, 2), (32, 32, 4, 2), (64, 16, 8, 2), (64, 64, 8, 2),
                                                    (128, 16, 8, 2), (128, 32, 8, 2)]]
-# fp32 registers per thread that one (BLOCK_M, BLOCK_N, H1P) hidden tile may take. ptxas -v (sm_90, bf16, h1 = 2):
-# at 32 the kernels spill at most 84 bytes; at 64 the backward kernels spill over a kilobyte. sm_80 and sm_75
-# spill more (up to ~0.75 and ~1.3 KB in the backward of the larger blocks): autotuning times those out.
+# fp32 registers per thread that one (BLOCK_M, BLOCK_N, H1P) hidden tile may take: larger tiles spill registers
+# (ptxas -v shows how much), most in the backward kernels; autotuning times the spilling configs out.
 TILE_REGISTERS = 32
 # what the autotuner keys on; Triton adds every tensor's dtype
 TUNING_KEY = ["L", "S", "E", "EV", "H1", "H2", "GELU", "MASK_KIND", "IS_CAUSAL", "HAS_DOT"]
@@ -386,7 +384,7 @@ def _backward_queries_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, De
 
 
 def _autotuned(kernel, reset_to_zero=None):
-    return triton.autotune(CONFIGS, key=TUNING_KEY, prune_configs_by={"early_config_prune": _fitting_configs},
+    return triton.autotune(AUTOTUNE_CONFIGS, key=TUNING_KEY, prune_configs_by={"early_config_prune": _fitting_configs},
                            reset_to_zero=reset_to_zero)(kernel)
 
 
@@ -465,7 +463,7 @@ class TritonNeuralAttention(torch.autograd.Function):
         head_dim = 0 if q_dot is None else q_dot.shape[-1]
         h2, H1P, H2P = w2.shape[0], shared["H1P"], shared["H2P"]
         delta = (d_out.float() * out.float()).sum(-1).reshape(batch * heads, L)  # (B*H, L) rowsum(dO * O)
-        smallest_m = min(c.kwargs["BLOCK_M"] for c in CONFIGS) if config is None else config.kwargs["BLOCK_M"]
+        smallest_m = min(c.kwargs["BLOCK_M"] for c in AUTOTUNE_CONFIGS) if config is None else config.kwargs["BLOCK_M"]
         programs = batch * heads * triton.cdiv(L, smallest_m)  # the most query programs any config launches
         fp32 = dict(dtype=torch.float32, device=v.device)
         dA, dBk = torch.empty(batch, heads, L, h1, **fp32), torch.empty(batch, heads, S, h1, **fp32)
@@ -547,7 +545,7 @@ def _launch_config(h1, block_m, block_n, num_warps, num_stages, device):
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         if block is not None and (not isinstance(block, int) or block < 16 or block & (block - 1)):
             raise ValueError(f"{name} must be a power of two of at least 16 (tl.dot's smallest tile), got {block!r}")
-    default = _fitting_configs(CONFIGS, {}, H1P=triton.next_power_of_2(h1))[-1]
+    default = _fitting_configs(AUTOTUNE_CONFIGS, {}, H1P=triton.next_power_of_2(h1))[-1]
     blocks = {"BLOCK_M": block_m or default.kwargs["BLOCK_M"], "BLOCK_N": block_n or default.kwargs["BLOCK_N"]}
     return triton.Config(blocks, num_warps=num_warps or default.num_warps, num_stages=num_stages or default.num_stages)
 
@@ -563,8 +561,8 @@ def triton_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, 
     """Neural attention by the fused kernels: q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev).
 
     The same function as neural_attention(backend="reference") (DiGiugno & Mahmood 2025, Eq. 3-5), in O(L + S)
-    memory; inputs are validated by neural_attention. On a GPU the launch configuration is autotuned over CONFIGS;
-    block_m, block_n (powers of two, at least 16), num_warps and num_stages fix it instead.
+    memory; inputs are validated by neural_attention. On a GPU the launch configuration is autotuned over
+    AUTOTUNE_CONFIGS; block_m, block_n (powers of two, at least 16), num_warps and num_stages fix it instead.
     """
     _check_supported(q, v, score, attn_mask)
     A, Bk, ((w2, b2), (w3, b3)), dot = score.split(q, k, dot_term=True)  # (..., L, h1), (..., S, h1)

@@ -1,5 +1,7 @@
 """dot_product_attention and neural_attention against independent references, gradients and error paths."""
+import inspect
 import math
+import pydoc
 
 import pytest
 import torch
@@ -120,6 +122,23 @@ def test_sdpa_attention_broadcasts_and_handles_no_keys():
 def test_arguments_after_attn_mask_are_keyword_only(call):
     with pytest.raises(TypeError, match=r"by keyword only.*is_causal=\.\.\..*dropout_p"):
         call(torch.randn(3, 4), NeuralScore(4))
+
+
+@pytest.mark.parametrize("function, documented", [
+    (dot_product_attention, "(q, k, v, attn_mask=None, *, is_causal=False, scale=None)"),
+    (sdpa_attention, "(q, k, v, attn_mask=None, *, is_causal=False, scale=None)"),
+    (neural_attention, "(q, k, v, score, attn_mask=None, *, is_causal=False, backend='auto')"),
+    (minina.attention_weights, "(q, k, score=None, attn_mask=None, *, is_causal=False, scale=None)"),
+])
+def test_help_shows_the_documented_signature(function, documented):
+    """help() shows a bare * after attn_mask (the README's signature), not the *args that catches SDPA calls."""
+    assert str(inspect.signature(function)) == documented
+    assert function.__name__ + documented in pydoc.render_doc(function, renderer=pydoc.plaintext)
+
+
+def test_internal_helpers_are_not_exported():
+    assert not hasattr(minina, "resolve_backend") and "resolve_backend" not in minina.__all__
+    assert all(hasattr(minina, name) for name in minina.__all__)
 
 
 def test_reference_equals_pair_loop():

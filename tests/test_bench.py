@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from minina import bench
+from minina.tools import bench
 
 
 def test_peak_memory_sees_the_reference_pair_tensor():
@@ -26,7 +26,7 @@ def test_peak_memory_without_proc_is_sampled_through_psutil():
     """Without Linux's /proc (macOS, Windows) the resident set is sampled through psutil: it still sees the pair
     tensor, in a fresh process as the benchmark runs every case."""
     case = dict(backend="reference", n=512, heads=2, head_dim=64, proj_dim=2, causal=False, repeats=0, threads=1)
-    code = ("import json, sys; from pathlib import Path; from minina import bench\n"
+    code = ("import json, sys; from pathlib import Path; from minina.tools import bench\n"
             "bench.PROC_SELF = Path('/nonexistent')  # as on macOS and Windows\n"
             "print(json.dumps(bench.measure(**json.loads(sys.argv[1]))))")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(case)], capture_output=True, text=True,
@@ -72,7 +72,7 @@ def test_cli_writes_table_csv_and_plot(tmp_path):
 def test_summary_and_ratios_from_rows():
     rows = [{"backend": b, "n": n, "time_s": t, "peak_mib": m} for b, n, t, m in [
         ("reference", 8, 2.0, 40.0), ("chunked", 8, 1.0, 4.0), ("chunked", 16, 3.0, 9.0)]]
-    assert bench.summarize(rows) == [
+    assert bench.growth_summary(rows) == [
         "at N=8: chunked uses 10.0x less memory than the reference and takes 0.50x its time",
         "chunked: peak memory x2.25, time x3.00 from N=8 to N=16"]
 
@@ -96,9 +96,9 @@ def test_table_and_summary_with_both_passes():
              "memory_vs_sdpa": None} for b, p, n, t, m in [
         ("chunked", "fwd", 8, 0.5, 2.0), ("chunked", "fwd", 16, 1.0, 3.0),
         ("chunked", "fwd+bwd", 8, 1.0, 4.0), ("chunked", "fwd+bwd", 16, 3.0, 9.0)]]
-    table = bench.format_table(rows).splitlines()
+    table = bench.timing_table(rows).splitlines()
     assert table[0].startswith("| backend | pass | N |") and table[2] == "| chunked | fwd | 8 | 500.0 | 2.0 |  |  |"
-    assert bench.summarize(rows) == ["chunked: peak memory x2.25, time x3.00 from N=8 to N=16"]  # fwd+bwd rows
+    assert bench.growth_summary(rows) == ["chunked: peak memory x2.25, time x3.00 from N=8 to N=16"]  # fwd+bwd rows
 
 
 def test_bad_passes():
@@ -123,9 +123,9 @@ def test_check_without_a_gpu_fails_clearly(device, message, tmp_path):
 
 
 def test_check_runs_the_self_test_shipped_in_the_package(monkeypatch, tmp_path, capsys):
-    """--check's kernel checks come from minina.triton_check, not from a tests/ folder a wheel does not have: a log
-    line per check in check.txt, and False when one fails."""
-    from minina import triton_check
+    """--check's kernel checks come from minina.tools.triton_check, not from a tests/ folder a wheel does not have:
+    a log line per check in check.txt, and False when one fails."""
+    from minina.tools import triton_check
 
     def broken():
         raise AssertionError("dq: Tensor-likes are not close!")

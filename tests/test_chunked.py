@@ -7,7 +7,7 @@ import torch
 import minina
 from minina import MultiHeadAttention, NeuralScore, neural_attention
 from minina.chunked import chunked_neural_attention, default_block_size
-from minina.study import VARIANTS
+from minina.tools.study import VARIANTS
 
 
 def make_mask(kind, batch, L, S, dtype):
@@ -207,7 +207,7 @@ def test_nothing_quadratic_is_saved_for_backward():
 
 
 def test_auto_and_models_use_chunked():
-    assert minina.resolve_backend("auto", torch.randn(2, 3)) == "chunked"
+    assert minina.attention.resolve_backend("auto", torch.randn(2, 3)) == "chunked"
     torch.manual_seed(0)
     layer = MultiHeadAttention(32, heads=2, kind="neural", causal=True).double()
     torch.manual_seed(0)

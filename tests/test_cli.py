@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minina import train
-from minina.__main__ import COMMANDS, main
+from minina.tools import config as train_config
+from minina.tools import train
+from minina.tools.cli import COMMANDS, main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -109,10 +110,10 @@ def parse_train(argv):
 
 
 def test_vit_without_a_dataset_takes_cifar10():
-    config = train.config_from_args(parse_train(["--task", "vit"]))
+    config = train_config.config_from_args(parse_train(["--task", "vit"]))
     assert (config.dataset, config.out) == ("cifar10", "runs/vit-cifar10-hybrid-seed0")
-    assert train.config_from_args(parse_train([])).dataset == "tinyshakespeare"
-    assert train.TrainConfig(task="vit").dataset == "cifar10"
+    assert train_config.config_from_args(parse_train([])).dataset == "tinyshakespeare"
+    assert train_config.TrainConfig(task="vit").dataset == "cifar10"
 
 
 def test_train_help_lists_the_datasets_and_says_what_none_means(capsys):
@@ -154,7 +155,7 @@ def test_readme_training_commands_give_the_reliable_score_on_every_shell():
     training = re.search(r"^## Training\n(.*?)^## ", text, re.M | re.S).group(1)
     posix = re.search(r"^python -m minina train --attention hybrid --score-options .*?\\\n.*?$", training, re.M)
     argv = shlex.split(posix.group(0).replace("\\\n", " "))[4:]  # after "python -m minina train"
-    assert train.config_from_args(parse_train(argv)).score_options == RELIABLE_SCORE_OPTIONS
+    assert train_config.config_from_args(parse_train(argv)).score_options == RELIABLE_SCORE_OPTIONS
     windows = subprocess.list2cmdline(["--score-options", json.dumps(RELIABLE_SCORE_OPTIONS)])
     assert training.count(windows) == 2  # cmd, and PowerShell after --%
     assert "--% " + windows in training
@@ -165,7 +166,7 @@ def test_readme_training_commands_give_the_reliable_score_on_every_shell():
 @pytest.mark.parametrize("kwargs, message", [(dict(seeds=0), "seeds must be a positive int, got 0"),
                                              (dict(steps=-1), "steps must be a positive int, got -1")])
 def test_demo_run_refuses_nothing_to_train(kwargs, message):
-    from minina import demo
+    from minina.tools import demo
 
     with pytest.raises(ValueError, match=message):
         demo.run(**kwargs)

@@ -230,20 +230,20 @@ def big(*shape):
 def test_auto_on_cpu_picks_compiled_above_the_threshold(fresh_state, monkeypatch):
     score = NeuralScore(32)
     large, small = big(32, 2, 64, 32), big(8, 2, 32, 32)  # 262,144 pairs (notebook 05's model) and 16,384
-    assert minina.resolve_backend("auto", large, large, score) == "compiled"
-    assert minina.resolve_backend("auto", small, small, score) == "chunked"
-    assert minina.resolve_backend("auto", large) == "chunked"  # without v and score nothing is sized
+    assert minina.attention.resolve_backend("auto", large, large, score) == "compiled"
+    assert minina.attention.resolve_backend("auto", small, small, score) == "chunked"
+    assert minina.attention.resolve_backend("auto", large) == "chunked"  # without v and score nothing is sized
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monkeypatch.setenv("MININA_COMPILE", "0")  # the user's choice: chunked, and no warning
-        assert minina.resolve_backend("auto", large, large, score) == "chunked"
+        assert minina.attention.resolve_backend("auto", large, large, score) == "chunked"
     monkeypatch.delenv("MININA_COMPILE")
     monkeypatch.setattr(compiled_module, "_compiler_problem", lambda: "no C++ compiler for torch.compile (test)")
     with pytest.warns(RuntimeWarning, match=r"runs 'chunked'.*no C\+\+ compiler"):
-        assert minina.resolve_backend("auto", large, large, score) == "chunked"
+        assert minina.attention.resolve_backend("auto", large, large, score) == "chunked"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
-        assert minina.resolve_backend("auto", large, large, score) == "chunked"
+        assert minina.attention.resolve_backend("auto", large, large, score) == "chunked"
 
 
 def test_failed_compile_falls_back_to_chunked_with_one_warning(fresh_state, monkeypatch):
@@ -256,7 +256,7 @@ def test_failed_compile_falls_back_to_chunked_with_one_warning(fresh_state, monk
     monkeypatch.setattr(compiled_module, "COMPILE_MIN_PAIRS", 1)
     score = NeuralScore(HEAD_DIM)
     q, k, v = (torch.randn(2, 10, HEAD_DIM) for _ in range(3))
-    assert minina.resolve_backend("auto", q, v, score) == "compiled"
+    assert minina.attention.resolve_backend("auto", q, v, score) == "compiled"
     with pytest.raises(CompileError, match="the compiler is out today"):
         neural_attention(q, k, v, score, backend="compiled")  # chosen explicitly: an error, not a fallback
     with pytest.warns(RuntimeWarning, match="runs 'chunked'.*the compiler is out today"):
@@ -264,5 +264,5 @@ def test_failed_compile_falls_back_to_chunked_with_one_warning(fresh_state, monk
     torch.testing.assert_close(out, chunked_neural_attention(q, k, v, score, is_causal=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only, and auto no longer tries
-        assert minina.resolve_backend("auto", q, v, score) == "chunked"
+        assert minina.attention.resolve_backend("auto", q, v, score) == "chunked"
         neural_attention(q, k, v, score)

@@ -1,4 +1,4 @@
-"""minina.data against independent readings of the files in $MININA_DATA (CI: ../shared/data), and its errors."""
+"""minina.tools.data against independent readings of the files in $MININA_DATA (CI: ../shared/data), and its errors."""
 import gzip
 import os
 import pathlib
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minina import data
-from minina.data import (atomic_save, data_root, lm_batches, lm_eval_batches, load_images, load_text)
+from minina.tools import data
+from minina.tools.data import (atomic_save, data_root, lm_batches, lm_eval_batches, load_images, load_text)
 
 DATA = os.environ.get("MININA_DATA")
 needs_data = pytest.mark.skipif(not DATA or not pathlib.Path(DATA, "tinyshakespeare").is_dir(),

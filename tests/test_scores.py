@@ -11,7 +11,7 @@ import minina
 from minina import compiled, neural_attention
 from minina.attention import BACKENDS
 from minina.scores import RELIABLE_SCORE_OPTIONS, NeuralScore
-from minina.study import VARIANTS
+from minina.tools.study import VARIANTS
 
 
 def paper_layers(head_dim, proj_dim):

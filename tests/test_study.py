@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from minina.study import (CURVE_EVERY, DEFAULT_VARIANTS, ESCAPE_FACTOR, HELD_OUT, PROBES, SUMMARY_FIELDS, VARIANTS,
-                          dot_floor_estimate, format_table, plot_study, run_study, steps_to, summarize, summary_rows,
-                          task_keys, wilson_interval)
-from minina.tasks import TASKS, AttentionProbe, train_probe
+from minina.tools.study import (CURVE_EVERY, DEFAULT_VARIANTS, ESCAPE_FACTOR, HELD_OUT, PROBES, SUMMARY_FIELDS,
+                                VARIANTS, dot_floor_estimate, format_table, plot_study, run_study, steps_to, summarize,
+                                summary_rows, task_keys, wilson_interval)
+from minina.tools.probes import TASKS, AttentionProbe, train_probe
 
 
 @pytest.fixture(autouse=True)

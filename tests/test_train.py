@@ -1,5 +1,5 @@
-"""minina.train: exact resume (paused, Ctrl-C), safe checkpoints, metrics checked by hand, optimizer groups, gradient
-accumulation, precision choice, torch.compile, no per-step waits, DDP under torchrun, CLI."""
+"""minina.tools.train: exact resume (paused, Ctrl-C), safe checkpoints, metrics checked by hand, optimizer groups,
+gradient accumulation, precision choice, torch.compile, no per-step waits, DDP under torchrun, CLI."""
 import argparse
 import csv
 import dataclasses
@@ -16,12 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import minina.train as train_module
+import minina.tools.config as config_module
+import minina.tools.train as train_module
+import minina.tools.train_tasks as tasks_module
 from minina import NeuralScore
 from minina.__main__ import main as cli
-from minina.data import lm_eval_batches, load_images, load_text
-from minina.train import (CONFIGS, TrainConfig, autocast_dtype, build_model, check_config, learning_rate_factor,
-                          make_optimizer, train)
+from minina.tools.data import lm_eval_batches, load_images, load_text
+from minina.tools.config import PAPER_CONFIGS, TrainConfig, check_config
+from minina.tools.train import autocast_dtype, build_model, learning_rate_factor, make_optimizer, train
 
 DATA = os.environ.get("MININA_DATA")
 needs_data = pytest.mark.skipif(not DATA or not pathlib.Path(DATA, "tinyshakespeare").is_dir(),
@@ -92,7 +94,7 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(lm_run, tmp_path, m
     """SIGINT in the middle of step 13 (mid-interval): the step finishes, a checkpoint is saved, the run stops."""
     _, out = lm_run
     calls = []
-    original = train_module.lm_batches
+    original = tasks_module.lm_batches
 
     def interrupting(*args, **kwargs):
         calls.append(1)
@@ -100,13 +102,13 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(lm_run, tmp_path, m
             signal.raise_signal(signal.SIGINT)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "lm_batches", interrupting)
+    monkeypatch.setattr(tasks_module, "lm_batches", interrupting)
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     stopped = train(tiny_lm(tmp_path), progress=False)
     assert stopped["interrupted"] and stopped["steps"] == 13
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 13
     assert handlers == {number: signal.getsignal(number) for number in handlers}  # handlers restored
-    monkeypatch.setattr(train_module, "lm_batches", original)
+    monkeypatch.setattr(tasks_module, "lm_batches", original)
     train(tiny_lm(tmp_path), resume=True, progress=False)
     assert loss_rows(tmp_path) == loss_rows(out)
 
@@ -236,12 +238,12 @@ def test_build_model_sets_the_neural_score_of_hybrid_models_only():
 def test_named_configs_are_the_papers_settings():
     """Paper text where it speaks (12 heads of 64 for the ViT, d' = head_dim / 32), the released scripts where it
     is silent (dropout 0.1, batch size 1, learning rates); the neural block gets d' = 2 in both."""
-    lm, vit = CONFIGS["paper-lm"], CONFIGS["paper-vit"]
+    lm, vit = PAPER_CONFIGS["paper-lm"], PAPER_CONFIGS["paper-vit"]
     assert (lm.dataset, lm.dim, lm.depth, lm.heads, lm.seq_len, lm.attention, lm.dropout, lm.batch_size, lm.lr) == \
         ("wikitext103", 512, 8, 8, 1024, "hybrid", 0.1, 1, 3e-4)
     assert (vit.dataset, vit.dim, vit.depth, vit.heads, vit.attention, vit.image_size // vit.patch_size,
             vit.dropout, vit.batch_size, vit.lr) == ("cifar10", 768, 12, 12, "hybrid", 28, 0.1, 1, 5e-5)
-    for config in CONFIGS.values():
+    for config in PAPER_CONFIGS.values():
         check_config(config)
         model = build_model(dataclasses.replace(config, depth=1), vocab_size=50, num_classes=10, image_size=224,
                             channels=3)
@@ -282,9 +284,9 @@ def test_named_config_and_flag_overrides():
     train_module.add_arguments(parser)
     args = parser.parse_args(["--config", "paper-vit", "--heads", "8", "--proj-dim", "3", "--dtype", "fp16",
                               "--grad-accum", "4", "--log-every", "100", "--compile"])
-    assert train_module.config_from_args(args) == dataclasses.replace(
-        CONFIGS["paper-vit"], heads=8, proj_dim=3, dtype="fp16", grad_accum=4, log_every=100, compile=True)
-    assert train_module.config_from_args(parser.parse_args(["--config", "paper-lm"])) == CONFIGS["paper-lm"]
+    assert config_module.config_from_args(args) == dataclasses.replace(
+        PAPER_CONFIGS["paper-vit"], heads=8, proj_dim=3, dtype="fp16", grad_accum=4, log_every=100, compile=True)
+    assert config_module.config_from_args(parser.parse_args(["--config", "paper-lm"])) == PAPER_CONFIGS["paper-lm"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "fp8"])
 
@@ -395,14 +397,14 @@ def test_the_step_never_waits_for_the_device(tmp_path, monkeypatch):
     """Reading a number back (item, bool) makes the host wait for the GPU: minina's loop and models do it at
     evaluations and every log_every steps for the progress bar, never once per step. (PyTorch's AdamW reads its
     step counter, a CPU tensor, with item(); that is no wait.)"""
-    package = pathlib.Path(train_module.__file__).parent
+    package = pathlib.Path(train_module.__file__).parents[1]  # minina/: the core and the tools
     reads = []
     for method in ("item", "__bool__"):
         original = getattr(torch.Tensor, method)
 
         def counting(self, _original=original):
             caller = pathlib.Path(sys._getframe(1).f_code.co_filename)
-            if caller.parent == package and caller.name != "data.py":  # data.py works on CPU tensors only
+            if package in caller.parents and caller.name != "data.py":  # data.py works on CPU tensors only
                 reads.append(f"{caller.name}:{sys._getframe(1).f_lineno}")
             return _original(self)
         monkeypatch.setattr(torch.Tensor, method, counting)

@@ -3,7 +3,7 @@
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 and the same kernels run on CPU tensors in Triton's
 interpreter; shapes stay small (mostly blocks of 16, so that several query and key blocks and their ragged ends are
 exercised) and every config of the autotune set runs once. With a GPU the same grid runs on CUDA. The comparisons
-live in minina.triton_check, which `python -m minina bench --device cuda --check` runs on a GPU from any install.
+live in minina.tools.triton_check, which `python -m minina bench --device cuda --check` runs on a GPU from any install.
 """
 import copy
 import os
@@ -15,14 +15,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minina import (MultiHeadAttention, NeuralScore, dot_product_attention, neural_attention, resolve_backend,
-                    triton_check)
+from minina import MultiHeadAttention, NeuralScore, dot_product_attention, neural_attention
 from minina.activations import ACTIVATIONS, Activation
-from minina.triton_check import assert_low_precision_within_the_rule, triton_grads
+from minina.attention import resolve_backend
+from minina.tools import triton_check
+from minina.tools.triton_check import assert_low_precision_within_the_rule, triton_grads
 
 pytest.importorskip("triton", reason="backend='triton' needs the triton package")
 from minina import triton_kernels  # noqa: E402
-from minina.triton_kernels import CONFIGS, KERNEL_ACTIVATIONS, supports, triton_neural_attention  # noqa: E402
+from minina.triton_kernels import AUTOTUNE_CONFIGS, KERNEL_ACTIVATIONS, supports, triton_neural_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -58,7 +59,7 @@ def widest_fitting_h1(config):
     return max(h1 for h1 in (1, 2, 4, 8, 16) if triton_kernels._fits(config, h1))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "{BLOCK_M}x{BLOCK_N}".format(**c.kwargs))
+@pytest.mark.parametrize("config", AUTOTUNE_CONFIGS, ids=lambda c: "{BLOCK_M}x{BLOCK_N}".format(**c.kwargs))
 def test_every_autotune_config_matches_reference(config):
     """Each config of the autotune set, launched explicitly, with the widest score MLP it is meant for; L and S
     span two blocks and a ragged third."""
@@ -76,7 +77,7 @@ def test_the_autotune_set_has_64_and_128_row_blocks():
     """Hopper's fastest matrix instructions need 64-row blocks: the set offers them up to h1 = 8 (128 rows up to
     h1 = 4); only the widest MLPs (h1 = 16) are left with 16 x 16, the one config that fits them."""
     for h1 in (1, 2, 4, 8, 16):
-        rows = {config.kwargs["BLOCK_M"] for config in triton_kernels._fitting_configs(CONFIGS, {}, H1P=h1)}
+        rows = {config.kwargs["BLOCK_M"] for config in triton_kernels._fitting_configs(AUTOTUNE_CONFIGS, {}, H1P=h1)}
         assert 16 in rows and (64 in rows) == (h1 <= 8) and (128 in rows) == (h1 <= 4), (h1, rows)
 
 
@@ -381,7 +382,7 @@ def test_autotuned_launch(monkeypatch):
     score = lively_score(16, proj_dim=4)  # h1 = 4: 4 of the 6 configs fit
     q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (41, 37, 37))
     assert_matches_reference(q, k, v, score, make_mask("bool", (41, 37)), is_causal=True)
-    fitting = triton_kernels._fitting_configs(CONFIGS, {}, H1P=4)
+    fitting = triton_kernels._fitting_configs(AUTOTUNE_CONFIGS, {}, H1P=4)
     assert len(fitting) == 4
     for tuned in triton_kernels._TUNED.values():
         assert tuned.best_config in fitting
@@ -408,7 +409,7 @@ def test_the_gpu_check_list_covers_configs_and_dtypes_and_runs(monkeypatch):
     capability 8.0 and up), the refused double backward; a few of its checks run here as they would there."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     checks = dict(triton_check.gpu_checks(torch.device(DEVICE)))
-    configs = {"config {BLOCK_M}x{BLOCK_N}".format(**config.kwargs) for config in CONFIGS}
+    configs = {"config {BLOCK_M}x{BLOCK_N}".format(**config.kwargs) for config in AUTOTUNE_CONFIGS}
     assert configs <= set(checks) and len(checks) > len(configs) + 20
     assert {"float16 L=1000 S=1100", "bfloat16 autocast L=1000 S=1100", "B*H = 65,600", "bfloat16 residual L=1000 "
             "S=1100", "residual autotuned L=300 S=257", "residual wide+gelu E=128 L=257 S=300"} <= set(checks)

@@ -18,7 +18,7 @@ Time: the median wall-clock time of up to `repeats` further runs of the pass, fe
 TIME_BUDGET_S (synchronized on CUDA); the measured run's time if there are none.
 
 `--check` (CUDA only) is the one GPU script: it runs the kernels' self-test shipped in the package,
-minina.triton_check (every kernel config, fp32, fp16 and bf16 against the float64 reference, the flash-attention
+minina.tools.triton_check (every kernel config, fp32, fp16 and bf16 against the float64 reference, the flash-attention
 error rule), and, if every check passes, the table of SDPA, triton and chunked for N = 1k..16k, forward and
 forward+backward.
 """
@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .attention import neural_attention
-from .scores import NeuralScore
+from ..attention import neural_attention
+from ..scores import NeuralScore
 
 HELP = "time and peak memory of reference, chunked, compiled (and triton on GPU) neural attention against SDPA"
 
@@ -52,14 +52,14 @@ def _neural(q, k, v, score, is_causal, backend):
 
 
 # name -> (attention(q, k, v, score, is_causal), device types it runs on); "sdpa" is the dot-product baseline
-BACKENDS = {
+CONTENDERS = {
     "sdpa": (_sdpa, ("cpu", "cuda")),
     "reference": (functools.partial(_neural, backend="reference"), ("cpu", "cuda")),
     "chunked": (functools.partial(_neural, backend="chunked"), ("cpu", "cuda")),
     "compiled": (functools.partial(_neural, backend="compiled"), ("cpu",)),
     "triton": (functools.partial(_neural, backend="triton"), ("cuda",)),
 }
-DEFAULT_MAX_N = {"reference": 2048}  # its (B, H, N, N, 2P) pair tensor takes ~6 GB at N=4096 with our defaults
+DEFAULT_MAX_N = {"reference": 2048}  # its (B, H, N, N, 2P) pair tensor grows as N^2
 MIB = 2 ** 20
 TIME_BUDGET_S = 2.0  # no further timed runs once a case has run this long
 PASSES = ("fwd", "fwd+bwd")
@@ -123,7 +123,7 @@ def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_di
         torch.set_num_threads(threads)
     device, dtype = torch.device(device), getattr(torch, dtype)
     torch.manual_seed(seed)
-    attention = BACKENDS[backend][0]
+    attention = CONTENDERS[backend][0]
     score = NeuralScore(head_dim, proj_dim).to(device, dtype)
     leaves = list(score.parameters())
 
@@ -164,7 +164,8 @@ def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_di
 
 def measure_in_fresh_process(**case):
     """measure(**case) in a new Python process; raises RuntimeError with its stderr if it fails."""
-    code = "import json, sys; from minina.bench import measure; print(json.dumps(measure(**json.loads(sys.argv[1]))))"
+    code = ("import json, sys; from minina.tools.bench import measure; "
+            "print(json.dumps(measure(**json.loads(sys.argv[1]))))")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(case)], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"benchmark case {case} failed:\n{result.stderr[-2000:]}")
@@ -176,7 +177,7 @@ def benchmark(ns=(256, 512, 1024, 2048, 4096), device="cpu", dtype=torch.float32
               passes=("fwd+bwd",)):
     """Time and peak extra memory of one pass for each backend, pass and N; returns a list of dict rows.
 
-    backends: names from BACKENDS (default: all that run on device); max_n: {backend: largest N to run}
+    backends: names from CONTENDERS (default: all that run on device); max_n: {backend: largest N to run}
     (default DEFAULT_MAX_N); passes: from PASSES. Each row: backend, pass, n, time_s, peak_mib, time_vs_sdpa,
     memory_vs_sdpa (None without an sdpa row at that pass and N) and the settings. progress(text) is called once
     per case.
@@ -187,11 +188,11 @@ def benchmark(ns=(256, 512, 1024, 2048, 4096), device="cpu", dtype=torch.float32
         raise ValueError(f"passes must be a non-empty list from {PASSES}, got {passes!r}")
     device = torch.device(device)
     dtype_name = str(dtype).removeprefix("torch.")
-    backends = [name for name, (_, devices) in BACKENDS.items() if device.type in devices] if backends is None \
+    backends = [name for name, (_, devices) in CONTENDERS.items() if device.type in devices] if backends is None \
         else list(backends)
-    unknown = [name for name in backends if name not in BACKENDS]
+    unknown = [name for name in backends if name not in CONTENDERS]
     if unknown:
-        raise ValueError(f"backends must be names from {sorted(BACKENDS)}, got {unknown}")
+        raise ValueError(f"backends must be names from {sorted(CONTENDERS)}, got {unknown}")
     max_n = DEFAULT_MAX_N if max_n is None else max_n
     settings = dict(device=str(device), dtype=dtype_name, batch=batch, heads=heads, head_dim=head_dim,
                     proj_dim=proj_dim, causal=causal, threads=threads or torch.get_num_threads())
@@ -217,7 +218,7 @@ def _ratio(value):
     return "" if value is None else f"{value:.2f}"
 
 
-def format_table(rows):
+def timing_table(rows):
     """The rows as a Markdown table with ratios against SDPA; a pass column when the rows hold more than one."""
     several = len({row.get("pass", "fwd+bwd") for row in rows}) > 1
     pass_header, pass_rule = ("pass | ", "--- | ") if several else ("", "")
@@ -230,7 +231,7 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def summarize(rows):
+def growth_summary(rows):
     """Lines comparing chunked with the reference at the largest shared N, and memory growth per doubling of N,
     from the forward+backward rows (all rows if there are none)."""
     rows = [row for row in rows if row.get("pass", "fwd+bwd") == "fwd+bwd"] or rows
@@ -300,7 +301,7 @@ def write_markdown(rows, path, description):
     """description, the Markdown table and the summary lines, saved at path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{description}\n\n{format_table(rows)}\n\n" + "\n".join(summarize(rows)) + "\n")
+    path.write_text(f"{description}\n\n{timing_table(rows)}\n\n" + "\n".join(growth_summary(rows)) + "\n")
 
 
 def require_cuda(device, check=False):
@@ -318,7 +319,8 @@ def require_cuda(device, check=False):
 
 
 def run_self_test(device, out):
-    """minina.triton_check on device, one line per check printed and saved in out/check.txt; True if all passed."""
+    """minina.tools.triton_check on device, one line per check printed and saved in out/check.txt; True if all
+    passed."""
     from .triton_check import run_checks
 
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -339,7 +341,7 @@ def run_self_test(device, out):
 def add_arguments(parser):
     parser.add_argument("--ns", type=int, nargs="+", default=None,
                         help="sequence lengths (default 256 512 1024 2048 4096; 1024 to 16384 with --check)")
-    parser.add_argument("--backends", nargs="+", choices=sorted(BACKENDS), default=None,
+    parser.add_argument("--backends", nargs="+", choices=sorted(CONTENDERS), default=None,
                         help="default: every backend that runs on --device (sdpa triton chunked with --check)")
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=None,
                         help="fwd+bwd (default), fwd, or both (both with --check)")
@@ -387,12 +389,12 @@ def main(args):
         f"{first['device']}, {first['threads']} CPU thread(s)"
     description = (f"One {' / '.join(passes)} pass per case, B={args.batch}, H={args.heads}, head_dim={args.head_dim}, "
                    f"d'={args.proj_dim}, {'causal' if args.causal else 'full'}, {dtype}, {where}; each case in a "
-                   "fresh process (method: python -c 'import minina.bench; help(minina.bench)').")
+                   "fresh process (method: python -c 'import minina.tools.bench; help(minina.tools.bench)').")
     write_csv(rows, out / "bench.csv")
     plot(rows, out / "bench.png")
     write_markdown(rows, out / "bench.md", description)
     print(f"\n{description}\n")
-    print(format_table(rows))
-    print("\n" + "\n".join(summarize(rows)))
+    print(timing_table(rows))
+    print("\n" + "\n".join(growth_summary(rows)))
     print(f"\nwrote {out / 'bench.csv'}, {out / 'bench.png'} and {out / 'bench.md'} in "
           f"{time.perf_counter() - start:.0f} s")

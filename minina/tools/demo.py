@@ -6,7 +6,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import train_probe
+from .probes import train_probe
 
 HELP = "compare dot-product and neural attention on a task one dot-product head cannot express"
 

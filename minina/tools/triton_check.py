@@ -13,8 +13,8 @@ import traceback
 
 import torch
 
-from .attention import neural_attention
-from .scores import NeuralScore
+from ..attention import neural_attention
+from ..scores import NeuralScore
 
 NAMES = ["out", "dq", "dk", "dv"]
 
@@ -57,7 +57,7 @@ def reference_grads(q, k, v, score, attn_mask, is_causal, d_out):
 
 def triton_grads(q, k, v, score, attn_mask, is_causal, d_out, **launch):
     """Output and gradients, as reference_grads, of the kernels (launch: block_m=..., or nothing to autotune)."""
-    from .triton_kernels import triton_neural_attention
+    from ..triton_kernels import triton_neural_attention
 
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = triton_neural_attention(*leaves, score, attn_mask, is_causal, **launch)
@@ -120,7 +120,7 @@ def gpu_checks(device):
     sequences, score shapes and activations, the residual score (its q k^T tile), strides and broadcasting, fp16
     and bf16 (plain and under autocast), a B*H beyond a CUDA grid axis, a deterministic backward, and the refused
     double backward."""
-    from .triton_kernels import CONFIGS, _fits, triton_neural_attention
+    from ..triton_kernels import AUTOTUNE_CONFIGS, _fits, triton_neural_attention
 
     def every_config(config):
         h1 = max(h for h in (1, 2, 4, 8, 16) if _fits(config, h))  # the widest score MLP the config is meant for
@@ -166,7 +166,8 @@ def gpu_checks(device):
             return
         raise AssertionError("a backward with create_graph=True ran without raising")
 
-    checks = [(f"config {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}", lambda c=c: every_config(c)) for c in CONFIGS]
+    checks = [(f"config {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}", lambda c=c: every_config(c))
+              for c in AUTOTUNE_CONFIGS]
     checks += [(f"L={L} S={S} causal={causal} mask={kind}", lambda a=(L, S, causal, kind): masks(*a))
                for L, S in ((20, 35), (35, 20)) for causal in (False, True) for kind in (None, "bool", "float")]
     checks += [(f"residual L={L} S={S} causal={causal} mask={kind}",

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import minina
-from minina.data import load_text
-from minina.tasks import (AffineKeyEmbedding, RELATIONS, recall_baseline, recall_corpus, recall_episodes,
+from minina.tools.data import load_text
+from minina.tools.recall import (AffineKeyEmbedding, RELATIONS, recall_baseline, recall_corpus, recall_episodes,
                           recall_target, recall_vocab)
 
 K, V, N = 16, 4, 5
@@ -64,7 +64,7 @@ def test_corpus_is_episodes_with_separators():
 
 def test_load_text_generates_the_recall_datasets():
     for name, relation in [("recall_ring", "ring"), ("recall_nearest", "nearest")]:
-        assert name in minina.data.TEXT_DATASETS
+        assert name in minina.tools.data.TEXT_DATASETS
         corpus = load_text(name, root="/nonexistent")  # generated: no files needed
         assert corpus.name == name and torch.equal(corpus.val, recall_corpus(relation).val)
 

@@ -1,9 +1,9 @@
 """The datasets of the paper's experiments, read from local files (downloaded, with checksums, only when asked).
 
 Text: `load_text` gives token ids for Tiny Shakespeare (characters), WikiText-2/103 (words) and the generated
-recall task of minina.tasks (recall_ring, recall_nearest); `lm_batches` and `lm_eval_batches` cut them into (B, T)
-windows. Images: `load_images` gives normalized image datasets for CIFAR-10/100, Fashion-MNIST or any ImageFolder
-tree. Files are looked for under `data_root()` (the generated recall task needs none):
+recall task of minina.tools.recall (recall_ring, recall_nearest); `lm_batches` and `lm_eval_batches` cut them into
+(B, T) windows. Images: `load_images` gives normalized image datasets for CIFAR-10/100, Fashion-MNIST or any
+ImageFolder tree. Files are looked for under `data_root()` (the generated recall task needs none):
 
     <root>/tinyshakespeare/input.txt
     <root>/wikitext-2/wiki.{train,valid,test}.tokens      (wikitext-103/ for WikiText-103)
@@ -18,30 +18,47 @@ import hashlib
 import os
 import pathlib
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .corpus import TextCorpus
+from .recall import recall_corpus
+
+
+class TextFiles(NamedTuple):
+    """A corpus read from files: <root>/<folder>/<files>, fetched from the archive URLs (mirrors) with this md5."""
+
+    folder: str
+    files: tuple
+    urls: tuple
+    md5: str
+
+
+class GeneratedText(NamedTuple):
+    """A corpus drawn from a seed by minina.tools.recall.recall_corpus(relation): no files."""
+
+    relation: str
+
+
 TEXT_DATASETS = {
-    # name: (folder, files, archive URLs (mirrors), archive md5); the archives unpack to <root>/<folder>/
-    "tinyshakespeare": ("tinyshakespeare", ("input.txt",),
-                        ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",),
-                        "6fb458f1232090904fb40fe944165e91"),
-    "wikitext2": ("wikitext-2", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
-                  ("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
-                   "https://wikitext.smerity.com/wikitext-2-v1.zip"),
-                  "542ccefacc6c27f945fb54453812b3cd"),
-    "wikitext103": ("wikitext-103", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
-                    ("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
-                     "https://wikitext.smerity.com/wikitext-103-v1.zip"),
-                    "9ddaacaf6af0710eda8c456decff7832"),
+    "tinyshakespeare": TextFiles("tinyshakespeare", ("input.txt",),
+                                 ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+                                  "input.txt",),
+                                 "6fb458f1232090904fb40fe944165e91"),
+    "wikitext2": TextFiles("wikitext-2", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
+                           ("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+                            "https://wikitext.smerity.com/wikitext-2-v1.zip"),
+                           "542ccefacc6c27f945fb54453812b3cd"),
+    "wikitext103": TextFiles("wikitext-103", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
+                             ("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
+                              "https://wikitext.smerity.com/wikitext-103-v1.zip"),
+                             "9ddaacaf6af0710eda8c456decff7832"),
+    "recall_ring": GeneratedText("ring"),
+    "recall_nearest": GeneratedText("nearest"),
 }
-GENERATED_TEXT = {  # name: minina.tasks.recall_corpus relation; generated from a seed, no files
-    "recall_ring": "ring",
-    "recall_nearest": "nearest",
-}
-TEXT_DATASETS.update(dict.fromkeys(GENERATED_TEXT))  # their entry is None: nothing to download
 IMAGE_DATASETS = ("cifar10", "cifar100", "fashion-mnist")
 FASHION_MNIST_FILES = {  # file: md5 (the upstream gzip files, as torchvision checks them)
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -110,48 +127,6 @@ def _download(name, folder, urls, md5):
 # ---------------------------------------------------------------------------------------------------------- text
 
 
-@dataclasses.dataclass(repr=False)
-class TextCorpus:
-    """Token ids of one corpus: train, val, test are 1-D torch.long tensors indexing vocab.
-
-    level "char": one token per character; level "word": whitespace-separated words (WikiText marks rare words
-    as "<unk>" and each line ends with "<eos>").
-    """
-
-    name: str
-    level: str
-    vocab: list
-    train: torch.Tensor
-    val: torch.Tensor
-    test: torch.Tensor
-
-    def __post_init__(self):
-        self.index = {token: i for i, token in enumerate(self.vocab)}
-
-    @property
-    def vocab_size(self):
-        return len(self.vocab)
-
-    def __repr__(self):
-        return (f"TextCorpus({self.name!r}, {self.level} level, vocab {self.vocab_size:,}, train {len(self.train):,} "
-                f"/ val {len(self.val):,} / test {len(self.test):,} tokens)")
-
-    def encode(self, text):
-        """text -> 1-D LongTensor of ids; at word level, unknown words become "<unk>"."""
-        if self.level == "char":
-            unknown = sorted(set(text) - self.index.keys())
-            if unknown:
-                raise ValueError(f"text has characters outside the {self.name} vocabulary: {unknown!r}")
-            return torch.tensor([self.index[c] for c in text], dtype=torch.long)
-        unk = self.index.get("<unk>")
-        return torch.tensor([self.index.get(word, unk) for word in text.split()], dtype=torch.long)
-
-    def decode(self, ids):
-        """ids (any iterable of ints, or a tensor) -> text."""
-        tokens = [self.vocab[i] for i in torch.as_tensor(ids).flatten().tolist()]
-        return ("" if self.level == "char" else " ").join(tokens)
-
-
 def _word_ids(path, index, grow):
     """Ids of each line's words plus "<eos>" (as PyTorch's word_language_model reads WikiText), streamed so that
     WikiText-103 fits in memory; grow=True adds new words to index, else they become "<unk>"."""
@@ -170,14 +145,12 @@ def load_text(name, root=None, download=False):
 
     tinyshakespeare: characters, the first 90% of the file for training and the rest for val (test = val).
     wikitext: words, vocabulary from the train split in order of first appearance.
-    recall_ring, recall_nearest: the synthetic recall task of minina.tasks.recall_corpus, generated (no files).
+    recall_ring, recall_nearest: the synthetic recall task of minina.tools.recall.recall_corpus, generated (no files).
     """
     if name not in TEXT_DATASETS:
         raise ValueError(f"unknown text dataset {name!r}; choose one of {sorted(TEXT_DATASETS)}")
-    if name in GENERATED_TEXT:
-        from .tasks import recall_corpus
-
-        return recall_corpus(GENERATED_TEXT[name])
+    if isinstance(TEXT_DATASETS[name], GeneratedText):
+        return recall_corpus(TEXT_DATASETS[name].relation)
     folder_name, files, urls, md5 = TEXT_DATASETS[name]
     folder = data_root(root) / folder_name
     missing = [f for f in files if not (folder / f).is_file()]

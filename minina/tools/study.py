@@ -9,6 +9,7 @@ Options are chosen on PROBES; the HELD_OUT family (--held-out) is reported apart
 Each finished run is appended to the CSV at once; rerunning the same command skips the runs already there.
 """
 import csv
+import inspect
 import math
 import multiprocessing
 import statistics
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import TASKS, train_probe
+from .probes import TASKS, train_probe
 
 HELP = "success rate over seeds of NeuralScore training options on probe tasks (CSV, table, plot)"
 
@@ -384,6 +385,14 @@ def add_arguments(parser):
                              "summary.csv and results.png (--held-out: summary-held-out.csv, results-held-out.png)")
 
 
+def _settings(steps):
+    """The probe settings every run uses, read from train_run's and train_probe's defaults."""
+    probe = {name: p.default for name, p in inspect.signature(train_probe).parameters.items()}
+    proj_dim = inspect.signature(train_run).parameters["proj_dim"].default
+    return (f"Adam {probe['lr']:g}, batch {probe['batch']}, head_dim {probe['head_dim']}, d' = {proj_dim}, "
+            f"{steps} steps")
+
+
 def main(args):
     start = time.perf_counter()
     out = Path(args.out)
@@ -392,7 +401,7 @@ def main(args):
                      workers=args.workers)
     summary = summarize(rows, args.margin)
     keys = ", ".join(f"{task} {task_keys(task)}" for task in tasks)
-    print(f"\nOne attention head per run, Adam 3e-3, batch 256, d' = 8; keys: {keys}; test MSE per seed.")
+    print(f"\nOne attention head per run, {_settings(args.steps)}; keys: {keys}; test MSE per seed.")
     print(format_table(summary))
     suffix = "-held-out" if args.held_out and not args.tasks else ""  # the two families' summaries kept apart
     with open(out / f"summary{suffix}.csv", "w", newline="") as f:
