@@ -204,15 +204,20 @@ def split_inputs(q, k, v, score, attn_mask):
     return A, Bk, v, q_dot, k_dot, attn_mask, [t for layer in rest for t in layer]
 
 
+def check_block_sizes(block_l, block_s):
+    """ValueError unless each tile size is None (the default) or a positive int."""
+    for name, block in (("block_l", block_l), ("block_s", block_s)):
+        if block is not None and (not isinstance(block, int) or block < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {block!r}")
+
+
 def chunked_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, block_l=None, block_s=None):
     """neural_attention(..., backend="chunked"): the same result and gradients as the reference in O(N) memory.
 
     q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev), masks as in neural_attention (which validates
     the tensors and dispatches here). block_l / block_s: query / key rows per tile (default: default_block_size).
     """
-    for name, block in (("block_l", block_l), ("block_s", block_s)):
-        if block is not None and (not isinstance(block, int) or block < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {block!r}")
+    check_block_sizes(block_l, block_s)
     A, Bk, v, q_dot, k_dot, attn_mask, rest_params = split_inputs(q, k, v, score, attn_mask)
     default = default_block_size(math.prod(v.shape[:-2]), max(score.hidden), A.shape[-2], Bk.shape[-2])
     return ChunkedNeuralAttention.apply(A, Bk, v, q_dot, k_dot, attn_mask, is_causal, score.activation,

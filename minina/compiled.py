@@ -33,7 +33,7 @@ import warnings
 import torch
 
 from .activations import ACTIVATIONS
-from .chunked import ChunkedNeuralAttention, first_order_backward, split_inputs
+from .chunked import ChunkedNeuralAttention, check_block_sizes, first_order_backward, split_inputs
 
 TILE_PAIRS = 2 ** 19  # default budget of (batch x query block x key block) pairs in one tile
 COMPILE_MIN_PAIRS = 2 ** 17  # "auto" picks compiled on CPU from this many (batch x L x S) pairs on
@@ -356,9 +356,7 @@ def compiled_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *
     the tensors and dispatches here). block_l / block_s: query / key rows per tile (default: compiled_block_size);
     each new value compiles again. Raises CompileError if torch.compile fails.
     """
-    for name, block in (("block_l", block_l), ("block_s", block_s)):
-        if block is not None and (not isinstance(block, int) or block < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {block!r}")
+    check_block_sizes(block_l, block_s)
     A, Bk, v, q_dot, k_dot, attn_mask, rest_params = split_inputs(q, k, v, score, attn_mask)
     function = CompiledNeuralAttention if A.shape[-2] and Bk.shape[-2] else ChunkedNeuralAttention  # empty: no tile
     default = compiled_block_size(math.prod(v.shape[:-2]), max(A.shape[-2], Bk.shape[-2]))
