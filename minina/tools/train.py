@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import gc
 import math
 import os
 import pathlib
@@ -117,6 +118,9 @@ def train(config, resume=False, progress=True, stop_after=None):
     finally:
         if world > 1:
             dist.destroy_process_group()
+            # DDP's reducer holds the process group in a reference cycle: free it now, while the interpreter is
+            # alive, or gloo's threads are torn down at exit ("terminate called without an active exception")
+            gc.collect()
 
 
 @dataclasses.dataclass
