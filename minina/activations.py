@@ -1,9 +1,8 @@
 """The activations a NeuralScore may use: one table for the module, the chunked backend and the Triton kernels.
 
 Each entry gives the nn.Module the reference MLP uses, the same function on tensors, and its derivative, which
-the chunked backward applies by hand. GELU is nn.GELU's exact, erf-based form; leaky_relu has nn.LeakyReLU's
-default slope 0.01 below zero, so a unit that is off for every pair still gets a (small) gradient. The Triton
-kernels implement the names in minina.triton_kernels.KERNEL_ACTIVATIONS and reject the others.
+the chunked backward applies by hand. GELU is nn.GELU's exact, erf-based form. The Triton kernels implement the
+names in minina.triton_kernels.KERNEL_ACTIVATIONS and reject the others.
 """
 import math
 from typing import Callable, NamedTuple
@@ -25,6 +24,4 @@ def _gelu_derivative(x):
 ACTIVATIONS = {
     "relu": Activation(nn.ReLU, torch.relu, lambda x: (x > 0).to(x.dtype)),
     "gelu": Activation(nn.GELU, torch.nn.functional.gelu, _gelu_derivative),
-    "leaky_relu": Activation(nn.LeakyReLU, torch.nn.functional.leaky_relu,
-                             lambda x: torch.where(x > 0, 1.0, 0.01).to(x.dtype)),
 }

@@ -6,7 +6,6 @@ import torch.nn as nn
 
 from .activations import ACTIVATIONS
 
-INITS = ("paper", "kaiming")
 # The options `python -m minina study-learnability` recommends: NeuralScore(head_dim, **RELIABLE_SCORE_OPTIONS).
 # The measurements behind the choice are in README "Training reliably", where the study re-measures them.
 RELIABLE_SCORE_OPTIONS = {"hidden": "wide", "activation": "gelu"}
@@ -20,23 +19,18 @@ def default_proj_dim(head_dim):
 class NeuralScore(nn.Module):
     """s(q_i, k_j) = MLP([q_proj(q_i); k_proj(k_j)]), shared by all heads.
 
-    With proj_dim P the MLP is 2P -> hidden[0] -> ... -> hidden[-1] -> 1 with the activation between layers;
-    the paper's hidden widths are (P, P // 2), each at least 1 (hidden="paper", the default); hidden="wide" is
-    (P, P). No 1/sqrt(d) scaling is applied.
+    With proj_dim P the MLP is 2P -> hidden[0] -> ... -> hidden[-1] -> 1 with the activation ("relu", the
+    paper's, or "gelu") between layers; the paper's hidden widths are (P, P // 2), each at least 1
+    (hidden="paper", the default); hidden="wide" is (P, P). No 1/sqrt(d) scaling is applied. The defaults
+    reproduce the paper; RELIABLE_SCORE_OPTIONS are the options `python -m minina study-learnability` recommends
+    (README "Training reliably").
 
-    Options for training aids (the defaults reproduce the paper; `python -m minina study-learnability` measures
-    them, README "Training reliably"): activation="gelu" or "leaky_relu" (no hard zero);
-    hidden="wide" (more units to keep alive); residual=True adds the scaled dot product,
-    s = MLP(...) + q_i . k_j / sqrt(head_dim), and zeroes the MLP's last layer so training starts from dot-product
-    attention (one extra dot product per pair; every backend takes it); zero_last=True/False zeroes that layer or
-    keeps its random init (default: residual).
-    init="kaiming" draws the MLP weights from N(0, 2 / fan_in) with zero biases; learn_scale=True multiplies the
-    MLP's logit by a learnable scalar `logit_scale` starting at scale_init (5.0 if not given); bias_init=b sets the
-    biases of the hidden layers to b. See RELIABLE_SCORE_OPTIONS for the study's pick.
+    residual=True adds the scaled dot product, s = MLP(...) + q_i . k_j / sqrt(head_dim), and zeroes the MLP's
+    last layer, so training starts from dot-product attention (one extra dot product per pair; every backend
+    takes it). The options the study measured and rejected live with it, in minina.tools.candidates.
     """
 
-    def __init__(self, head_dim, proj_dim=None, hidden=None, activation="relu", init="paper", learn_scale=False,
-                 scale_init=None, bias_init=None, residual=False, zero_last=None):
+    def __init__(self, head_dim, proj_dim=None, hidden=None, activation="relu", residual=False):
         super().__init__()
         if not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
@@ -54,26 +48,10 @@ class NeuralScore(nn.Module):
             raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if not isinstance(learn_scale, bool):
-            raise TypeError(f"learn_scale must be a bool, got {type(learn_scale).__name__}")
-        if scale_init is not None and not learn_scale:
-            raise ValueError(f"scale_init applies only with learn_scale=True, got scale_init={scale_init!r}")
-        if bias_init is not None and (isinstance(bias_init, bool) or not isinstance(bias_init, (int, float))
-                                      or not math.isfinite(bias_init)):
-            raise ValueError(f"bias_init must be a finite number or None, got {bias_init!r}")
         if not isinstance(residual, bool):
             raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
-        if zero_last is not None and not isinstance(zero_last, bool):
-            raise TypeError(f"zero_last must be a bool or None, got {type(zero_last).__name__}")
-        zero_last = residual if zero_last is None else zero_last
-        scale_init = 5.0 if scale_init is None else scale_init
-        if isinstance(scale_init, bool) or not isinstance(scale_init, (int, float)) or not 0 < scale_init < math.inf:
-            raise ValueError(f"scale_init must be a positive finite number, got {scale_init!r}")
-        self.head_dim, self.proj_dim, self.hidden, self.activation = head_dim, proj_dim, hidden, activation
-        self.init, self.learn_scale, self.bias_init, self.residual = init, learn_scale, bias_init, residual
-        self.zero_last = zero_last
+        self.head_dim, self.proj_dim, self.hidden = head_dim, proj_dim, hidden
+        self.activation, self.residual = activation, residual
         self.q_proj = nn.Linear(head_dim, proj_dim)
         self.k_proj = nn.Linear(head_dim, proj_dim)
         widths = (2 * proj_dim, *hidden, 1)
@@ -83,27 +61,13 @@ class NeuralScore(nn.Module):
                 layers.append(ACTIVATIONS[activation].module())
             layers.append(nn.Linear(fan_in, fan_out))
         self.mlp = nn.Sequential(*layers)
-        if init == "kaiming":
-            for layer in self.linears():
-                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")  # std sqrt(2 / fan_in)
-                nn.init.zeros_(layer.bias)
-        if bias_init is not None:  # hidden units start on for most pairs
-            for layer in self.linears()[:-1]:
-                nn.init.constant_(layer.bias, float(bias_init))
-        if zero_last:  # the MLP starts at 0: attention starts as scaled dot-product attention (or uniform)
+        if residual:  # the MLP starts at 0: attention starts as scaled dot-product attention
             nn.init.zeros_(self.linears()[-1].weight)
             nn.init.zeros_(self.linears()[-1].bias)
-        if learn_scale:
-            self.logit_scale = nn.Parameter(torch.tensor(float(scale_init)))
 
     def extra_repr(self):
-        options = "".join([f", init={self.init!r}" if self.init != "paper" else "",
-                           ", learn_scale=True" if self.learn_scale else "",
-                           f", bias_init={self.bias_init!r}" if self.bias_init is not None else "",
-                           ", residual=True" if self.residual else "",
-                           f", zero_last={self.zero_last}" if self.zero_last != self.residual else ""])
         return (f"head_dim={self.head_dim}, proj_dim={self.proj_dim}, hidden={self.hidden}, "
-                f"activation={self.activation!r}{options}")
+                f"activation={self.activation!r}{', residual=True' if self.residual else ''}")
 
     def linears(self):
         """The MLP's nn.Linear layers in order."""
@@ -117,7 +81,6 @@ class NeuralScore(nn.Module):
         pairs = torch.cat([a.unsqueeze(-2).expand(*batch, L, S, P),
                            b.unsqueeze(-3).expand(*batch, L, S, P)], dim=-1)  # (..., L, S, 2P)
         logits = self.mlp(pairs).squeeze(-1)  # (..., L, S)
-        logits = logits * self.logit_scale if self.learn_scale else logits
         if self.residual:
             logits = logits + (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (..., L, S)
         return logits
@@ -127,8 +90,8 @@ class NeuralScore(nn.Module):
 
         W1 [a; b] + c = (W1_q a + c) + W1_k b, so the first hidden layer of pair (i, j) is act(A_i + Bk_j) with
         A = W1_q q_proj(q) + c of shape (..., L, hidden[0]) and Bk = W1_k k_proj(k) of shape (..., S, hidden[0]).
-        Returns (A, Bk, rest): rest is the list of (weight, bias) of the remaining linear layers, with a learned
-        logit_scale already folded into the last pair, so backends never see it. A backend that adds the residual
+        Returns (A, Bk, rest): rest is the list of (weight, bias) of the remaining linear layers. A backend that adds
+        the residual
         dot product passes dot_term=True and gets (A, Bk, rest, dot): dot is (q / sqrt(head_dim), k), whose
         pair products the score adds, or None without residual=True; other backends cannot take residual scores.
         """
@@ -140,9 +103,6 @@ class NeuralScore(nn.Module):
         A = self.q_proj(q) @ w_q.T + first.bias  # (..., L, h1)
         Bk = self.k_proj(k) @ w_k.T  # (..., S, h1)
         rest = [(layer.weight, layer.bias) for layer in rest]
-        if self.learn_scale:
-            weight, bias = rest[-1]
-            rest[-1] = (weight * self.logit_scale, bias * self.logit_scale)  # (1, h_last), (1,)
         if not dot_term:
             return A, Bk, rest
         return A, Bk, rest, ((q / math.sqrt(self.head_dim), k) if self.residual else None)

@@ -78,8 +78,8 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has 
     pytest.param(["bench", "--device", "cuda"], "--device cuda needs a CUDA GPU, but torch.cuda.is_available() is "
                  "False", marks=NO_GPU),
     (["train", "--score-options", '{"inti": "kaiming"}'], "score_options has unknown key(s) ['inti']: NeuralScore "
-     "takes ['hidden', 'activation', 'init'"),
-    (["train", "--score-options", '{"init": "kaimin"}'], "init must be one of ('paper', 'kaiming'), got 'kaimin'"),
+     "takes ['hidden', 'activation', 'residual']"),
+    (["train", "--score-options", '{"activation": "gelo"}'], "activation must be one of ['gelu', 'relu'], got 'gelo'"),
     (["train", "--score-options", "{init: kaiming}"], "argument --score-options: expected a JSON object such as "
      '{"hidden": "wide", "activation": "gelu"} (names and strings in double quotes), got \'{init: kaiming}\''),
     (["train", "--threads", "0"], "--threads must be at least 1, got 0"),

@@ -97,23 +97,22 @@ def residual_score(head_dim, **options):
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_score_options(is_causal):
-    """Three hidden layers, GELU, a learned scale and the residual dot product, one (L, S) bool mask, and k and v
-    broadcast over the batch."""
-    score = residual_score(HEAD_DIM, proj_dim=3, hidden=(3, 2, 2), activation="gelu", learn_scale=True,
-                           bias_init=0.5)
+    """Three hidden layers, GELU and the residual dot product, one (L, S) bool mask, and k and v broadcast over
+    the batch."""
+    score = residual_score(HEAD_DIM, proj_dim=3, hidden=(3, 2, 2), activation="gelu")
     for L, S in [(6, 7), (9, 11), (21, 18), (20, 3)]:
         q, k, v = random_inputs((2, 3, L, HEAD_DIM), (3, S, HEAD_DIM), (S, 4))  # k shared over batch, v also heads
         assert_same(q, k, v, score, make_mask("bool", L, S), is_causal)
 
 
-def test_float32_and_bfloat16_with_leaky_relu():
-    score = NeuralScore(32, proj_dim=4, activation="leaky_relu")
+def test_float32_and_bfloat16_with_gelu():
+    score = NeuralScore(32, proj_dim=4, activation="gelu")
     q, k, v = random_inputs((2, 2, 21, 32), (2, 2, 21, 32), (2, 2, 21, 16), torch.float32)
     mask = torch.randn(2, 2, 21, 1) + torch.randn(21)  # float, no gradient wanted
     assert_same(q, k, v, score, mask, True, rtol=1e-4, atol=1e-5)
     q, k, v = (torch.randn(1, 2, 512, 32) for _ in range(3))  # bf16: fp32 tiles keep the error within twice the
     exact = neural_attention(q, k, v, score, backend="reference")  # bf16 reference's own (flash-attention's rule)
-    half_score = NeuralScore(32, proj_dim=4, activation="leaky_relu").bfloat16()
+    half_score = NeuralScore(32, proj_dim=4, activation="gelu").bfloat16()
     half_score.load_state_dict(score.state_dict())
     half = [t.bfloat16() for t in (q, k, v)]
     reference_error = (neural_attention(*half, half_score, backend="reference").float() - exact).abs().max()

@@ -21,6 +21,7 @@ import minina.tools.train as train_module
 import minina.tools.train_tasks as tasks_module
 from minina import NeuralScore
 from minina.__main__ import main as cli
+from minina.tools.candidates import CandidateScore
 from minina.tools.data import lm_eval_batches, load_images, load_text
 from minina.tools.config import PAPER_CONFIGS, TrainConfig, check_config
 from minina.tools.train import autocast_dtype, build_model, learning_rate_factor, make_optimizer, train
@@ -310,15 +311,15 @@ def decay_groups(model, config=TrainConfig(weight_decay=0.1)):
 def test_optimizer_decays_linear_and_conv_weights_only():
     """By name: the weights of Linear (attention, MLP, score MLP, head) and Conv layers decay; biases, norms,
     embeddings (the LM's tied head with them), cls_token, pos_emb and a learned logit scale do not."""
-    lm = build_model(TrainConfig(dim=64, depth=2, heads=2, seq_len=8, score_options={"learn_scale": True}),
-                     vocab_size=11)
+    lm = build_model(TrainConfig(dim=64, depth=2, heads=2, seq_len=8), vocab_size=11)
+    lm.blocks[0].attn.score = CandidateScore(32, learn_scale=True)  # the study's learned scale: a lone scalar
     decay = decay_groups(lm)
     decayed = {name for name, value in decay.items() if value == 0.1}
     linear = ["attn.to_q", "attn.to_kv", "attn.to_out", "mlp.0", "mlp.2"]
     score = ["attn.score.q_proj", "attn.score.k_proj", "attn.score.mlp.0", "attn.score.mlp.2", "attn.score.mlp.4"]
     assert decayed == {f"blocks.{i}.{layer}.weight" for i in (0, 1) for layer in linear} | \
         {f"blocks.0.{layer}.weight" for layer in score}
-    assert set(decay) - decayed >= {"token_emb.weight", "pos_emb.weight", "blocks.0.attn.score.logit_scale",
+    assert set(decay) - decayed >= {"token_emb.weight", "pos_emb.weight", "blocks.0.attn.score.mlp.logit_scale",
                                     "blocks.0.attn.score.mlp.0.bias", "blocks.1.ln_attn.weight", "ln_out.bias"}
     assert lm.head.weight is lm.token_emb.weight and "head.weight" not in decay  # tied: one tensor, an embedding
     assert decay["token_emb.weight"] == 0.0

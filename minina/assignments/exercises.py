@@ -328,8 +328,15 @@ def _check_band_score(make_band_score, generator):
 # ------------------------------------------------------------------------------------------------------------ A4
 
 
-def _scores_and_inputs(generator, B, H, L, S, E, dtype, **options):
-    score = NeuralScore(E, **options).to(dtype)
+def _scores_and_inputs(generator, B, H, L, S, E, dtype, spread=False, **options):
+    """(score, [q, k, v]); spread=True draws the MLP weights from N(0, 2 / fan_in) with zero biases (He et al.),
+    for logits that vary from key to key, so a running maximum moves."""
+    score = NeuralScore(E, **options)
+    if spread:
+        for layer in score.linears():
+            torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(layer.bias)
+    score = score.to(dtype)
     shapes = ((B, H, L, E), (B, H, S, E), (B, H, S, E))
     return score, [random_tensor(shape, dtype, generator) for shape in shapes]
 
@@ -425,11 +432,11 @@ class LeadingPaddingScore(NeuralScore):
 
 def _online_cases(generator):
     """(score, q, k, v, is_causal, words) for A4.online_attention."""
-    options = dict(proj_dim=4, hidden=(8,), init="kaiming")  # logits that vary from key to key: the maximum moves
+    options = dict(proj_dim=4, hidden=(8,))
     for dims, dtype, causal in (((1, 2, 6, 10, 8), f64, False), ((2, 1, 5, 9, 8), f32, False),
                                 ((1, 2, 8, 8, 8), f64, True)):
-        yield (*_scores_and_inputs(generator, *dims, dtype, **options), causal, "")
-    score, (q, k, v) = _scores_and_inputs(generator, 1, 2, 5, 9, 8, f64, **options)
+        yield (*_scores_and_inputs(generator, *dims, dtype, spread=True, **options), causal, "")
+    score, (q, k, v) = _scores_and_inputs(generator, 1, 2, 5, 9, 8, f64, spread=True, **options)
     k[..., :4, 0] = PADDING
     padded = LeadingPaddingScore(8, **options).to(f64)
     padded.load_state_dict(score.state_dict())

@@ -163,8 +163,7 @@ def portable(value, depth=0):
             type(key) in (str, int, float) for key in value):
         return {key: portable(x, depth + 1) for key, x in value.items()}
     if type(value) is NeuralScore:
-        options = {name: getattr(value, name) for name in ("head_dim", "proj_dim", "hidden", "activation", "init",
-                                                             "learn_scale", "bias_init", "residual")}
+        options = {name: getattr(value, name) for name in ("head_dim", "proj_dim", "hidden", "activation", "residual")}
         return {SCORE: options, "state": {name: portable(t) for name, t in value.state_dict().items()}}
     return {OPAQUE: type(value).__name__}
 

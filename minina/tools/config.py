@@ -49,7 +49,7 @@ class TrainConfig:
     image_size: Optional[int] = None  # vit: resize images to this size (None: as stored)
     train_size: Optional[int] = None  # vit: use this many training images (None: all)
     proj_dim: Optional[int] = None    # neural score d' (None: head_dim / 32, at least 2)
-    score_options: Optional[dict] = None  # more NeuralScore keyword arguments, e.g. {"init": "kaiming"}
+    score_options: Optional[dict] = None  # more NeuralScore keyword arguments, e.g. {"hidden": "wide"}
     backend: str = "auto"             # neural attention backend, see minina.attention.BACKENDS
     dropout: float = 0.0
     device: str = "auto"              # "auto": CUDA when available, else CPU

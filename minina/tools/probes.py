@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..attention import dot_product_attention, neural_attention
-from ..scores import NeuralScore
+from .candidates import CandidateScore
 
 
 def _select(values, logits):
@@ -136,7 +136,8 @@ TASKS = {"nearest_key": nearest_key_task, "ring_key": ring_key_task, "nearest_2d
 class AttentionProbe(nn.Module):
     """One attention head reading raw features: q = W_q x_q, k = W_k x_k, v = W_v y; output (B, L, 1).
 
-    Keys have in_dim features too unless key_dim says otherwise (ball_mean's queries carry a radius).
+    Keys have in_dim features too unless key_dim says otherwise (ball_mean's queries carry a radius). The neural
+    kind scores with a CandidateScore, so score_options may name any option the study measures.
     """
 
     def __init__(self, in_dim, head_dim, kind="dot", proj_dim=None, score_options=None, key_dim=None):
@@ -148,7 +149,7 @@ class AttentionProbe(nn.Module):
         self.to_k = nn.Linear(in_dim if key_dim is None else key_dim, head_dim)
         self.to_v, self.to_out = nn.Linear(1, head_dim), nn.Linear(head_dim, 1)
         if kind == "neural":
-            self.score = NeuralScore(head_dim, proj_dim, **(score_options or {}))
+            self.score = CandidateScore(head_dim, proj_dim, **(score_options or {}))
 
     def forward(self, queries, keys, values):
         q, k, v = self.to_q(queries), self.to_k(keys), self.to_v(values)  # (B, L, E), (B, S, E), (B, S, E)
@@ -163,8 +164,9 @@ def train_probe(kind, seed, steps=1500, num_keys=8, batch=256, head_dim=16, proj
                 score_options=None, task=nearest_key_task, test_size=4096, progress=None):
     """Train one AttentionProbe with Adam on fresh batches; returns {"losses": [...], "test_mse": float, "model"}.
 
-    task is a name in TASKS or a function like nearest_key_task; score_options go to NeuralScore. The model's
-    init depends on seed only, the training batches on seed and task, the test set on seed + 10,000.
+    task is a name in TASKS or a function like nearest_key_task; score_options go to CandidateScore (NeuralScore's
+    options and the study's candidates). The model's init depends on seed only, the training batches on seed and
+    task, the test set on seed + 10,000.
     """
     if isinstance(task, str):
         if task not in TASKS:

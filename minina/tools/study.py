@@ -1,6 +1,6 @@
 """`python -m minina study-learnability`: which NeuralScore options make training find what the score can express.
 
-Trains one attention head (tasks.AttentionProbe) per (task, variant, seed) and asks, per task, how many seeds
+Trains one attention head (probes.AttentionProbe) per (task, variant, seed) and asks, per task, how many seeds
 escape the dot-product floor (test MSE at most ESCAPE_FACTOR times the best dot-product run's) and how many reach
 the task's best test error within a margin (precision), and how fast. A run is within the margin when its test
 MSE is at most best + margin, best being the lowest test MSE of any run on that task; its steps to it are the
@@ -36,7 +36,7 @@ PROBES = {"nearest_key": 8, "ring_key": 8, "nearest_2d": 8, "extreme_key": 8}
 HELD_OUT = {"ball_mean": 16, "annulus_2d": 12, "k_nearest": 16, "nearest_3d": 12}
 ESCAPE_FACTOR = 0.5
 
-# variant -> score_options for NeuralScore; None is the dot-product baseline
+# variant -> score_options for the probe's CandidateScore; None is the dot-product baseline
 VARIANTS = {
     "dot": None,
     "paper": {},

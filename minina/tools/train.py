@@ -76,8 +76,8 @@ DECAYED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def make_optimizer(model, config):
     """AdamW (betas 0.9, 0.95, as the paper's code) with config.weight_decay on Linear and Conv weights only.
 
-    Biases, LayerNorms, embeddings (token and position, the ViT's cls_token and pos_emb), a learned logit scale
-    and the score MLP's biases get no decay; a weight shared with an embedding (the LM's tied output head) counts
+    Biases, LayerNorms, embeddings (token and position, the ViT's cls_token and pos_emb), the score MLP's biases
+    and any other parameter get no decay; a weight shared with an embedding (the LM's tied output head) counts
     as the embedding. Fused AdamW when every parameter is on CUDA.
     """
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED_LAYERS)}

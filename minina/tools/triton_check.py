@@ -177,7 +177,6 @@ def gpu_checks(device):
                                                                                   (20, 0), (2048, 2048))]
     checks += [("d'=16", lambda: lengths(64, 64, 32, proj_dim=16)),
                ("gelu, hidden (6, 3)", lambda: lengths(70, 70, 16, proj_dim=4, hidden=(6, 3), activation="gelu")),
-               ("learn_scale", lambda: lengths(70, 70, 16, proj_dim=4, learn_scale=True)),
                ("residual autotuned L=300 S=257", lambda: lengths(300, 257, residual=True)),
                ("residual wide+gelu E=128 L=257 S=300",
                 lambda: lengths(257, 300, 128, residual=True, hidden="wide", activation="gelu")),
