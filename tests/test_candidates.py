@@ -13,7 +13,7 @@ from minina.attention import BACKENDS
 from minina.chunked import chunked_neural_attention
 from minina.tools.candidates import CandidateScore
 from minina.tools.study import VARIANTS
-from test_scores import pair_logits, split_logits
+from test_scores import assert_split_matches_logits_and_gradients, pair_logits
 
 
 def test_core_options_alone_are_neural_score():
@@ -76,14 +76,7 @@ def test_split_matches_logits_and_gradients(options):
     if score.learn_scale:
         with torch.no_grad():
             score.logit_scale.fill_(0.7)  # away from the initial value, so a missing fold would show
-    q, k = torch.randn(5, 16), torch.randn(7, 16)
-    torch.testing.assert_close(split_logits(score, q, k), pair_logits(score, q, k, getattr(score, "logit_scale", 1)))
-    torch.testing.assert_close(split_logits(score, q, k), score.logits(q, k))
-    weights = torch.randn(5, 7)
-    grads_split = torch.autograd.grad((split_logits(score, q, k) * weights).sum(), list(score.parameters()))
-    grads_pairs = torch.autograd.grad((score.logits(q, k) * weights).sum(), list(score.parameters()))
-    for a, b in zip(grads_split, grads_pairs):
-        torch.testing.assert_close(a, b)
+    assert_split_matches_logits_and_gradients(score, getattr(score, "logit_scale", 1))
 
 
 def test_bias_init():

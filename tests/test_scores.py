@@ -54,17 +54,21 @@ def test_default_is_the_paper_init():
          "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias"])
 
 
-@pytest.mark.parametrize("options", [{}, {"hidden": "wide"}])
-def test_split_matches_logits_and_gradients(options):
-    score = NeuralScore(16, 4, **options)
+def assert_split_matches_logits_and_gradients(score, scale=1.0):
+    """split() rebuilds the written-out MLP's logits (times scale) and logits(), and the same gradients."""
     q, k = torch.randn(5, 16), torch.randn(7, 16)
-    torch.testing.assert_close(split_logits(score, q, k), pair_logits(score, q, k))
+    torch.testing.assert_close(split_logits(score, q, k), pair_logits(score, q, k, scale))
     torch.testing.assert_close(split_logits(score, q, k), score.logits(q, k))
     weights = torch.randn(5, 7)
     grads_split = torch.autograd.grad((split_logits(score, q, k) * weights).sum(), list(score.parameters()))
     grads_pairs = torch.autograd.grad((score.logits(q, k) * weights).sum(), list(score.parameters()))
     for a, b in zip(grads_split, grads_pairs):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("options", [{}, {"hidden": "wide"}])
+def test_split_matches_logits_and_gradients(options):
+    assert_split_matches_logits_and_gradients(NeuralScore(16, 4, **options))
 
 
 def test_wide_hidden():
