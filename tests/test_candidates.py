@@ -1,19 +1,18 @@
 """The study's rejected score options (CandidateScore) do what they claim, on every backend that takes them."""
-import copy
 import math
-import os
 
 import pytest
 import torch
 import torch.nn as nn
 
 import minina
-from minina import NeuralScore, compiled, neural_attention
+from minina import NeuralScore, neural_attention
 from minina.attention import BACKENDS
 from minina.chunked import chunked_neural_attention
 from minina.tools.candidates import CandidateScore
 from minina.tools.study import VARIANTS
-from test_scores import assert_split_matches_logits_and_gradients, pair_logits
+from test_scores import (assert_matches_float64_reference, assert_split_matches_logits_and_gradients,
+                         backend_device, pair_logits)
 
 
 def test_core_options_alone_are_neural_score():
@@ -185,24 +184,10 @@ def test_every_study_variant_equals_reference(variant):
 def test_every_backend_sees_the_folded_scale(backend):
     """A learned scale on a residual score with kaiming init and hidden biases: output and every gradient (the
     scale's too) against the float64 reference. The scale multiplies the MLP, not q . k."""
-    if backend == "triton":
-        pytest.importorskip("triton", reason="backend='triton' needs the triton package")
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("no GPU and TRITON_INTERPRET is not 1: the kernels cannot run")
-    if backend == "compiled" and compiled.unavailable_reason():
-        pytest.skip(f"backend='compiled' unavailable: {compiled.unavailable_reason()}")
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = backend_device(backend)
     score = CandidateScore(16, 4, init="kaiming", learn_scale=True, bias_init=0.5, residual=True).to(device)
     with torch.no_grad():
         score.logit_scale.fill_(2.3)
         score.linears()[-1].weight.normal_()  # zero at init for a residual score
     q, k, v = (torch.randn(2, n, 16, device=device, requires_grad=True) for n in (5, 9, 9))
-    reference = copy.deepcopy(score).double()
-    args = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    expected = neural_attention(*args, reference, is_causal=True, backend="reference")
-    expected_grads = torch.autograd.grad(expected.sum(), [*args, *reference.parameters()])
-    out = neural_attention(q, k, v, score, is_causal=True, backend=backend)
-    grads = torch.autograd.grad(out.sum(), [q, k, v, *score.parameters()])
-    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
+    assert_matches_float64_reference(backend, score, q, k, v)

@@ -1,6 +1,5 @@
 """NeuralScore's options do what they claim, and the defaults stay the paper's."""
 import copy
-import math
 import os
 
 import pytest
@@ -114,31 +113,42 @@ def test_reliable_options_are_a_studied_variant_and_build_a_score():
     assert score.logits(torch.randn(3, 64), torch.randn(4, 64)).shape == (3, 4)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
-def test_reliable_options_run_on_every_backend(backend):
-    """The recommended score is one every backend takes: output and gradients equal the float64 reference."""
+def backend_device(backend):
+    """The device backend runs on in this session; skips the test when it cannot run here."""
     if backend == "triton":
         pytest.importorskip("triton", reason="backend='triton' needs the triton package")
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("no GPU and TRITON_INTERPRET is not 1: the kernels cannot run")
     if backend == "compiled" and compiled.unavailable_reason():
         pytest.skip(f"backend='compiled' unavailable: {compiled.unavailable_reason()}")
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    score = NeuralScore(32, **RELIABLE_SCORE_OPTIONS).to(device)
-    with torch.no_grad():  # the last layer starts small: make every layer matter to the gradients
-        for parameter in score.parameters():
-            parameter.normal_(0, 0.5)
-    q, k, v = (torch.randn(2, 2, n, 32, device=device, requires_grad=True) for n in (19, 23, 23))
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def assert_matches_float64_reference(backend, score, q, k, v):
+    """Causal attention on backend: output and the gradients of q, k, v and every score parameter against the
+    reference backend in float64."""
     reference = copy.deepcopy(score).double()
     args = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    weight = torch.randn(2, 2, 19, 32, device=device)
     expected = neural_attention(*args, reference, is_causal=True, backend="reference")
+    weight = torch.randn(expected.shape, device=q.device)
     expected_grads = torch.autograd.grad((expected * weight.double()).sum(), [*args, *reference.parameters()])
     out = neural_attention(q, k, v, score, is_causal=True, backend=backend)
     grads = torch.autograd.grad((out * weight).sum(), [q, k, v, *score.parameters()])
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
+def test_reliable_options_run_on_every_backend(backend):
+    """The recommended score is one every backend takes: output and gradients equal the float64 reference."""
+    device = backend_device(backend)
+    score = NeuralScore(32, **RELIABLE_SCORE_OPTIONS).to(device)
+    with torch.no_grad():  # the last layer starts small: make every layer matter to the gradients
+        for parameter in score.parameters():
+            parameter.normal_(0, 0.5)
+    q, k, v = (torch.randn(2, 2, n, 32, device=device, requires_grad=True) for n in (19, 23, 23))
+    assert_matches_float64_reference(backend, score, q, k, v)
 
 
 def test_repr_names_the_options():
