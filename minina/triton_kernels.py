@@ -154,11 +154,11 @@ def _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND: tl.constexpr, IS_CAUS
 
 
 @triton.jit
-def _load_rows(X, offs, n, offs_e, E, stride_row, stride_e):
-    """Rows offs (those < n) of an (n, E) matrix, zero-padded to (len(offs), BLOCK_E): a q or k tile of the
-    residual score's dot product."""
-    return tl.load(X + offs[:, None] * stride_row + offs_e[None, :] * stride_e,
-                   mask=(offs[:, None] < n) & (offs_e[None, :] < E), other=0.0)
+def _load_tile(X, rows, n, cols, width, stride_row, stride_col):
+    """Rows `rows` (those < n) and columns `cols` (those < width) of an (n, width) matrix, zero elsewhere:
+    (len(rows), len(cols)), a tile of A, Bk, V, dO or the residual score's q and k."""
+    return tl.load(X + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                   mask=(rows[:, None] < n) & (cols[None, :] < width), other=0.0)
 
 
 @triton.jit
@@ -195,23 +195,21 @@ def _forward_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, Out, Lse,
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
     offs_u, offs_d, offs_c, offs_e = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P), tl.arange(0, BLOCK_E)
     w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
-    a = tl.load(A + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
-                mask=(offs_m[:, None] < L) & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_M, H1P)
+    a = _load_tile(A, offs_m, L, offs_u, H1, stride_am, stride_au).to(tl.float32)  # (BLOCK_M, H1P)
     if HAS_DOT:  # the residual score's queries, loaded once like A
         Q += off_b * stride_qb + off_h * stride_qh
         K += off_b * stride_kb + off_h * stride_kh
-        q = _load_rows(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
+        q = _load_tile(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the logits
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of 2^(s - m_i) V
     end_n = tl.minimum(S, (start_m + 1) * BLOCK_M) if IS_CAUSAL else S  # later keys are all in the future
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
-        bk = tl.load(Bk + offs_n[:, None] * stride_bn + offs_u[None, :] * stride_bu,
-                     mask=(offs_n[:, None] < S) & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
+        bk = _load_tile(Bk, offs_n, S, offs_u, H1, stride_bn, stride_bu).to(tl.float32)  # (BLOCK_N, H1P)
         s, _, _, _ = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, False)
         if HAS_DOT:  # s_ij += q_i . k_j / sqrt(E)
-            s += _dot_logits(q, _load_rows(K, offs_n, S, offs_e, E, stride_kn, stride_ke))
+            s += _dot_logits(q, _load_tile(K, offs_n, S, offs_e, E, stride_kn, stride_ke))
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i' = max(m_i, max_j s_ij)
@@ -219,8 +217,7 @@ def _forward_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, Out, Lse,
         p = tl.exp2(s - m_safe[:, None])  # p_ij = 2^(s_ij - m_i')
         alpha = tl.exp2(m_i - m_safe)  # rescales what was summed under the old max: 2^(m_i - m_i')
         l_i = l_i * alpha + tl.sum(p, axis=1)  # l_i' = alpha l_i + sum_j p_ij
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < S) & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(V, offs_n, S, offs_d, EV, stride_vn, stride_vd)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")  # acc' = alpha acc + p V
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with nothing to attend outputs zeros
@@ -259,30 +256,25 @@ def _backward_keys_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta
     offs_u, offs_d, offs_c, offs_e = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P), tl.arange(0, BLOCK_E)
     w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
     key_rows = offs_n[:, None] < S
-    bk = tl.load(Bk + offs_n[:, None] * stride_bn + offs_u[None, :] * stride_bu,
-                 mask=key_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=key_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_D)
+    bk = _load_tile(Bk, offs_n, S, offs_u, H1, stride_bn, stride_bu).to(tl.float32)  # (BLOCK_N, H1P)
+    v = _load_tile(V, offs_n, S, offs_d, EV, stride_vn, stride_vd)  # (BLOCK_N, BLOCK_D)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dbk = tl.zeros([BLOCK_N, H1P], dtype=tl.float32)
     if HAS_DOT:  # the residual score's keys, loaded once like Bk
         Q += off_b * stride_qb + off_h * stride_qh
         K += off_b * stride_kb + off_h * stride_kh
-        k = _load_rows(K, offs_n, S, offs_e, E, stride_kn, stride_ke)  # (BLOCK_N, BLOCK_E)
+        k = _load_tile(K, offs_n, S, offs_e, E, stride_kn, stride_ke)  # (BLOCK_N, BLOCK_E)
         dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     first_m = start_n * BLOCK_N if IS_CAUSAL else 0  # causal: earlier queries never see these keys
     for start_m in range(first_m, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
-        query_rows = offs_m[:, None] < L
-        a = tl.load(A + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
-                    mask=query_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_M, H1P)
-        do = tl.load(DOut + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                     mask=query_rows & (offs_d[None, :] < EV), other=0.0).to(v.dtype)  # (BLOCK_M, BLOCK_D)
+        a = _load_tile(A, offs_m, L, offs_u, H1, stride_am, stride_au).to(tl.float32)  # (BLOCK_M, H1P)
+        do = _load_tile(DOut, offs_m, L, offs_d, EV, stride_om, stride_od).to(v.dtype)  # (BLOCK_M, BLOCK_D)
         lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,) base 2
         delta = tl.load(Delta + off_bh * L + offs_m, mask=offs_m < L, other=0.0)  # (BLOCK_M,) rowsum(dO * O)
         s, _, _, ds_du = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, True)
         if HAS_DOT:
-            q = _load_rows(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
+            q = _load_tile(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
             s += _dot_logits(q, k)  # s_ij += q_i . k_j / sqrt(E)
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
@@ -331,10 +323,8 @@ def _backward_queries_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, De
     offs_u, offs_d, offs_c, offs_e = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P), tl.arange(0, BLOCK_E)
     w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
     query_rows = offs_m[:, None] < L
-    a = tl.load(A + offs_m[:, None] * stride_am + offs_u[None, :] * stride_au,
-                mask=query_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_M, H1P)
-    do = tl.load(DOut + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                 mask=query_rows & (offs_d[None, :] < EV), other=0.0).to(V.dtype.element_ty)  # (BLOCK_M, BLOCK_D)
+    a = _load_tile(A, offs_m, L, offs_u, H1, stride_am, stride_au).to(tl.float32)  # (BLOCK_M, H1P)
+    do = _load_tile(DOut, offs_m, L, offs_d, EV, stride_om, stride_od).to(V.dtype.element_ty)  # (BLOCK_M, BLOCK_D)
     lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,) base 2
     delta = tl.load(Delta + off_bh * L + offs_m, mask=offs_m < L, other=0.0)  # (BLOCK_M,)
     da = tl.zeros([BLOCK_M, H1P], dtype=tl.float32)
@@ -345,19 +335,16 @@ def _backward_queries_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, De
     if HAS_DOT:  # the residual score's queries, loaded once like A
         Q += off_b * stride_qb + off_h * stride_qh
         K += off_b * stride_kb + off_h * stride_kh
-        q = _load_rows(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
+        q = _load_tile(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
         dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     end_n = tl.minimum(S, (start_m + 1) * BLOCK_M) if IS_CAUSAL else S
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
-        key_rows = offs_n[:, None] < S
-        bk = tl.load(Bk + offs_n[:, None] * stride_bn + offs_u[None, :] * stride_bu,
-                     mask=key_rows & (offs_u[None, :] < H1), other=0.0).to(tl.float32)  # (BLOCK_N, H1P)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=key_rows & (offs_d[None, :] < EV), other=0.0)  # (BLOCK_N, BLOCK_D)
+        bk = _load_tile(Bk, offs_n, S, offs_u, H1, stride_bn, stride_bu).to(tl.float32)  # (BLOCK_N, H1P)
+        v = _load_tile(V, offs_n, S, offs_d, EV, stride_vn, stride_vd)  # (BLOCK_N, BLOCK_D)
         s, h, z, ds_du = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, True)
         if HAS_DOT:
-            k = _load_rows(K, offs_n, S, offs_e, E, stride_kn, stride_ke)  # (BLOCK_N, BLOCK_E)
+            k = _load_tile(K, offs_n, S, offs_e, E, stride_kn, stride_ke)  # (BLOCK_N, BLOCK_E)
             s += _dot_logits(q, k)  # s_ij += q_i . k_j / sqrt(E)
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
