@@ -80,6 +80,10 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has 
     (["train", "--score-options", '{"inti": "kaiming"}'], "score_options has unknown key(s) ['inti']: NeuralScore "
      "takes ['hidden', 'activation', 'residual']"),
     (["train", "--score-options", '{"activation": "gelo"}'], "activation must be one of ['gelu', 'relu'], got 'gelo'"),
+    (["train", "--score-options", '{"init": "kaiming"}'], "score_options has unknown key(s) ['init']: NeuralScore takes "
+     "['hidden', 'activation', 'residual'] (proj_dim has its own flag), e.g. {\"hidden\": \"wide\", \"activation\": "
+     "\"gelu\"}; ['init']: options the learnability study measured and rejected, which only its probes take "
+     "(minina.tools.candidates)"),
     (["train", "--score-options", "{init: kaiming}"], "argument --score-options: expected a JSON object such as "
      '{"hidden": "wide", "activation": "gelu"} (names and strings in double quotes), got \'{init: kaiming}\''),
     (["train", "--threads", "0"], "--threads must be at least 1, got 0"),

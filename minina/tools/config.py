@@ -15,6 +15,7 @@ import torch
 from ..attention import BACKENDS, check_backend
 from ..models import ATTENTIONS
 from ..scores import RELIABLE_SCORE_OPTIONS, NeuralScore
+from .candidates import CandidateScore
 from .data import IMAGE_DATASETS, TEXT_DATASETS
 from .train_tasks import TRAIN_TASKS
 
@@ -168,8 +169,11 @@ def _check_score_options(config):
     known = [name for name in inspect.signature(NeuralScore).parameters if name not in ("head_dim", "proj_dim")]
     unknown = sorted(set(options) - set(known))
     if unknown:
+        studied = [name for name in unknown if name in inspect.signature(CandidateScore).parameters]
         raise ValueError(f"score_options has unknown key(s) {unknown}: NeuralScore takes {known} (proj_dim has its "
-                         f"own flag), e.g. {json.dumps(RELIABLE_SCORE_OPTIONS)}")
+                         f"own flag), e.g. {json.dumps(RELIABLE_SCORE_OPTIONS)}"
+                         + (f"; {studied}: options the learnability study measured and rejected, which only its "
+                            "probes take (minina.tools.candidates)" if studied else ""))
     try:
         NeuralScore(config.dim // config.heads, config.proj_dim, **options)
     except (TypeError, ValueError) as error:
