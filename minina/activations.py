@@ -2,7 +2,7 @@
 
 Each entry gives the nn.Module the reference MLP uses, the same function on tensors, and its derivative, which
 the chunked backward applies by hand. GELU is nn.GELU's exact, erf-based form. The Triton kernels implement the
-names in minina.triton_kernels.KERNEL_ACTIVATIONS and reject the others.
+names in minina.triton_kernels.KERNEL_ACTIVATIONS and reject any other added here.
 """
 import math
 from typing import Callable, NamedTuple

@@ -90,10 +90,10 @@ class NeuralScore(nn.Module):
 
         W1 [a; b] + c = (W1_q a + c) + W1_k b, so the first hidden layer of pair (i, j) is act(A_i + Bk_j) with
         A = W1_q q_proj(q) + c of shape (..., L, hidden[0]) and Bk = W1_k k_proj(k) of shape (..., S, hidden[0]).
-        Returns (A, Bk, rest): rest is the list of (weight, bias) of the remaining linear layers. A backend that adds
-        the residual
-        dot product passes dot_term=True and gets (A, Bk, rest, dot): dot is (q / sqrt(head_dim), k), whose
-        pair products the score adds, or None without residual=True; other backends cannot take residual scores.
+        Returns (A, Bk, rest): rest is the list of (weight, bias) of the remaining linear layers. A backend that
+        adds the residual dot product passes dot_term=True and gets (A, Bk, rest, dot): dot is
+        (q / sqrt(head_dim), k), whose pair products the score adds, or None without residual=True; other backends
+        cannot take residual scores.
         """
         if self.residual and not dot_term:
             raise ValueError("NeuralScore(residual=True) adds q . k / sqrt(head_dim) to the MLP, which this backend "

@@ -255,7 +255,6 @@ def _backward_keys_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int64
     offs_u, offs_d, offs_c, offs_e = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P), tl.arange(0, BLOCK_E)
     w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
-    key_rows = offs_n[:, None] < S
     bk = _load_tile(Bk, offs_n, S, offs_u, H1, stride_bn, stride_bu).to(tl.float32)  # (BLOCK_N, H1P)
     v = _load_tile(V, offs_n, S, offs_d, EV, stride_vn, stride_vd)  # (BLOCK_N, BLOCK_D)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -286,6 +285,7 @@ def _backward_keys_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta
         dbk += tl.sum(ds[:, :, None] * ds_du, axis=0)  # dBk_j = sum_i ds_ij ds_ij/du_ij
         if HAS_DOT:  # dK_j = sum_i ds_ij q_i, as FlashAttention's dS^T Q
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
+    key_rows = offs_n[:, None] < S
     tl.store(DV + off_bh * S * EV + offs_n[:, None] * EV + offs_d[None, :], dv, mask=key_rows & (offs_d[None, :] < EV))
     tl.store(DBk + off_bh * S * H1 + offs_n[:, None] * H1 + offs_u[None, :], dbk,
              mask=key_rows & (offs_u[None, :] < H1))
@@ -322,7 +322,6 @@ def _backward_queries_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, De
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
     offs_u, offs_d, offs_c, offs_e = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P), tl.arange(0, BLOCK_E)
     w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
-    query_rows = offs_m[:, None] < L
     a = _load_tile(A, offs_m, L, offs_u, H1, stride_am, stride_au).to(tl.float32)  # (BLOCK_M, H1P)
     do = _load_tile(DOut, offs_m, L, offs_d, EV, stride_om, stride_od).to(V.dtype.element_ty)  # (BLOCK_M, BLOCK_D)
     lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,) base 2
@@ -359,6 +358,7 @@ def _backward_queries_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, De
         d_b2 += tile_b2
         d_w3 += tile_w3
         d_b3 += tl.sum(ds, axis=1)
+    query_rows = offs_m[:, None] < L
     tl.store(DA + off_bh * L * H1 + offs_m[:, None] * H1 + offs_u[None, :], da,
              mask=query_rows & (offs_u[None, :] < H1))
     if HAS_DOT:

@@ -9,8 +9,9 @@ import minina
 from minina import NeuralScore, neural_attention
 from minina.attention import BACKENDS
 from minina.chunked import chunked_neural_attention
-from minina.tools.candidates import CandidateScore
+from minina.tools.candidates import REJECTED_OPTIONS, CandidateScore
 from minina.tools.study import VARIANTS
+from test_chunked import assert_same, make_mask, random_inputs
 from test_scores import (assert_matches_float64_reference, assert_split_matches_logits_and_gradients,
                          backend_device, pair_logits)
 
@@ -151,7 +152,7 @@ def test_bad_options(kwargs, error, match):
 
 
 def test_rejected_options_are_not_neural_score_options():
-    for name in ("init", "learn_scale", "scale_init", "bias_init", "zero_last"):
+    for name in REJECTED_OPTIONS:
         with pytest.raises(TypeError, match=name):
             NeuralScore(64, **{name: None})
     with pytest.raises(ValueError, match="activation must be one of"):
@@ -161,23 +162,28 @@ def test_rejected_options_are_not_neural_score_options():
 @pytest.mark.parametrize("variant", [v for v, options in VARIANTS.items() if options])
 def test_every_study_variant_equals_reference(variant):
     """Each option set the learnability study trains (residual, zero_last, ...) works in the chunked backend, or
-    (a study-only activation) says it needs the reference backend."""
+    (leaky ReLU, a study-only activation) says it needs the reference backend."""
     score = CandidateScore(8, proj_dim=3, **VARIANTS[variant]).double()
     with torch.no_grad():
         for parameter in score.linears()[-1].parameters():  # zero at init for residual scores: exercise every path
             parameter.normal_()
-    q, k, v = (torch.randn(2, 2, n, 8, dtype=torch.float64, requires_grad=True) for n in (7, 9, 9))
-    mask = torch.rand(7, 9) > 0.3
+    q, k, v = random_inputs((2, 2, 7, 8), (2, 2, 9, 8), (2, 2, 9, 3))
     if score.activation not in minina.activations.ACTIVATIONS:
         with pytest.raises(ValueError, match="only backend='reference'"):
-            neural_attention(q, k, v, score, mask, is_causal=True, backend="chunked")
+            chunked_neural_attention(q, k, v, score, block_l=4, block_s=4)
         return
-    outs = [neural_attention(q, k, v, score, mask, is_causal=True, backend="reference"),
-            chunked_neural_attention(q, k, v, score, mask, True, block_l=4, block_s=4)]
+    assert_same(q, k, v, score, make_mask("bool", (2, 2), 7, 9, None), True, block_l=4, block_s=4)
+
+
+def test_chunked_backend_sees_the_folded_scale():
+    score = CandidateScore(16, 4, init="kaiming", learn_scale=True)
+    with torch.no_grad():
+        score.logit_scale.fill_(2.3)
+    q, k, v = torch.randn(2, 5, 16), torch.randn(2, 9, 16), torch.randn(2, 9, 3)
+    outs = [minina.neural_attention(q, k, v, score, is_causal=True, backend=b) for b in ("reference", "chunked")]
     torch.testing.assert_close(outs[1], outs[0])
-    grads = [torch.autograd.grad(out.sum(), [q, k, v, *score.parameters()]) for out in outs]
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(out.sum(), score.logit_scale)[0] for out in outs]
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in ("auto", "reference")])

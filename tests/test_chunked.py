@@ -7,6 +7,7 @@ import torch
 import minina
 from minina import MultiHeadAttention, NeuralScore, neural_attention
 from minina.chunked import chunked_neural_attention, default_block_size
+from minina.tools.candidates import CandidateScore
 
 
 def make_mask(kind, batch, L, S, dtype):
@@ -74,16 +75,17 @@ def test_equals_reference_over_widths_and_dtypes(proj_dim, dtype):
 
 
 @pytest.mark.parametrize("options", [dict(hidden=(3,)), dict(hidden=(6, 5, 3)), dict(hidden=(4, 2), activation="gelu"),
-                                     dict(hidden="wide", activation="gelu")])
+                                     dict(init="kaiming", learn_scale=True, scale_init=3.0),
+                                     dict(activation="gelu", bias_init=0.5)])
 def test_any_hidden_widths_activation_and_score_options(options):
-    score = NeuralScore(8, proj_dim=3, **options).double()
+    score = CandidateScore(8, proj_dim=3, **options).double()  # NeuralScore, or with the study's options
     q, k, v = random_inputs((2, 9, 8), (2, 11, 8), (2, 11, 4))
     assert_same(q, k, v, score, make_mask("bool", (2,), 9, 11, None), True, block_l=4, block_s=4)
 
 
 def residual_score(head_dim, **options):
     """A residual score whose zero-initialized last layer is randomized, so that every gradient path is exercised."""
-    score = NeuralScore(head_dim, residual=True, **options).double()
+    score = CandidateScore(head_dim, residual=True, **options).double()
     with torch.no_grad():
         for parameter in score.linears()[-1].parameters():
             parameter.normal_()
@@ -97,7 +99,7 @@ def test_residual_score_equals_reference(activation, is_causal):
     q, k, v = random_inputs((2, 3, 9, 8), (2, 3, 11, 8), (2, 3, 11, 4))
     assert_same(q, k, v, score, make_mask("bool", (2, 3), 9, 11, None), is_causal, block_l=4, block_s=3)
     q, k, v = random_inputs((2, 3, 6, 8), (3, 7, 8), (7, 4))  # k shared over batch, v over batch and heads
-    assert_same(q, k, v, residual_score(8, hidden="wide"), None, False, block_l=4, block_s=4)
+    assert_same(q, k, v, residual_score(8, learn_scale=True), None, False, block_l=4, block_s=4)
 
 
 def test_residual_score_adds_the_scaled_dot_product():

@@ -80,10 +80,14 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has 
     (["train", "--score-options", '{"inti": "kaiming"}'], "score_options has unknown key(s) ['inti']: NeuralScore "
      "takes ['hidden', 'activation', 'residual']"),
     (["train", "--score-options", '{"activation": "gelo"}'], "activation must be one of ['gelu', 'relu'], got 'gelo'"),
-    (["train", "--score-options", '{"init": "kaiming"}'], "score_options has unknown key(s) ['init']: NeuralScore takes "
-     "['hidden', 'activation', 'residual'] (proj_dim has its own flag), e.g. {\"hidden\": \"wide\", \"activation\": "
-     "\"gelu\"}; ['init']: options the learnability study measured and rejected, which only its probes take "
-     "(minina.tools.candidates)"),
+    (["train", "--score-options", '{"init": "kaiming"}'], "score_options has unknown key(s) ['init']: NeuralScore "
+     "takes ['hidden', 'activation', 'residual'] (proj_dim has its own flag), e.g. {\"hidden\": \"wide\", "
+     "\"activation\": \"gelu\"}; init: rejected by the learnability study, only its probes take it (minina.tools.candidates)"),
+    (["train", "--score-options", '{"activation": "leaky_relu"}'], "got 'leaky_relu'; activation='leaky_relu': "
+     "rejected by the learnability study, only its probes take it (minina.tools.candidates)"),
+    (["train", "--score-options", '{"proj_dim": 4}'], "score_options has unknown key(s) ['proj_dim']: NeuralScore "
+     "takes ['hidden', 'activation', 'residual'] (proj_dim has its own flag), e.g. {\"hidden\": \"wide\", "
+     "\"activation\": \"gelu\"} (see"),  # no hint: proj_dim is no study option
     (["train", "--score-options", "{init: kaiming}"], "argument --score-options: expected a JSON object such as "
      '{"hidden": "wide", "activation": "gelu"} (names and strings in double quotes), got \'{init: kaiming}\''),
     (["train", "--threads", "0"], "--threads must be at least 1, got 0"),

@@ -16,6 +16,7 @@ from minina import MultiHeadAttention, NeuralScore, neural_attention
 from minina import compiled as compiled_module
 from minina.chunked import chunked_neural_attention
 from minina.compiled import CompileError, compiled_block_size, compiled_neural_attention
+from minina.tools.candidates import CandidateScore
 
 BLOCK, BATCH, HEAD_DIM = 16, (2, 3), 8
 LENGTHS = [(1, 1), (7, 7), (16, 16), (5, 19), (19, 5), (1, 9), (40, 17), (17, 40)]  # 16: exactly one block
@@ -88,7 +89,7 @@ def test_float_mask_gradient_when_broadcast():
 
 def residual_score(head_dim, **options):
     """A residual score whose zero-initialized last layer is randomized, so that every gradient path is exercised."""
-    score = NeuralScore(head_dim, residual=True, **options).double()
+    score = CandidateScore(head_dim, residual=True, **options).double()
     with torch.no_grad():
         for parameter in score.linears()[-1].parameters():
             parameter.normal_()
@@ -97,9 +98,10 @@ def residual_score(head_dim, **options):
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_score_options(is_causal):
-    """Three hidden layers, GELU and the residual dot product, one (L, S) bool mask, and k and v broadcast over
-    the batch."""
-    score = residual_score(HEAD_DIM, proj_dim=3, hidden=(3, 2, 2), activation="gelu")
+    """Three hidden layers, GELU, a learned scale and the residual dot product, one (L, S) bool mask, and k and v
+    broadcast over the batch."""
+    score = residual_score(HEAD_DIM, proj_dim=3, hidden=(3, 2, 2), activation="gelu", learn_scale=True,
+                           bias_init=0.5)
     for L, S in [(6, 7), (9, 11), (21, 18), (20, 3)]:
         q, k, v = random_inputs((2, 3, L, HEAD_DIM), (3, S, HEAD_DIM), (S, 4))  # k shared over batch, v also heads
         assert_same(q, k, v, score, make_mask("bool", L, S), is_causal)

@@ -94,6 +94,7 @@ def test_long_and_empty_sequences_with_the_default_launch(L, S):
     (64, {}, (None, None)),  # the paper: d' = 2, MLP 4 -> 2 -> 1 -> 1, the default launch configuration
     (32, {"proj_dim": 16}, (16, 16)),  # d' = 16, MLP 32 -> 16 -> 8 -> 1, the widest paper shape
     (16, {"proj_dim": 4, "hidden": (6, 3), "activation": "gelu"}, (16, 32)),  # widths not powers of two
+    (16, {"proj_dim": 4, "learn_scale": True}, (32, 16)),  # the study's logit_scale, folded into the last layer
 ])
 def test_score_shapes_activations_and_blocks(head_dim, options, blocks):
     score = lively_score(head_dim, **options)
@@ -262,6 +263,7 @@ def test_an_activation_the_kernels_lack_is_refused(monkeypatch):
 @pytest.mark.parametrize("L, S, head_dim, is_causal, mask_kind, options, blocks", [
     (20, 35, 8, False, "float", {}, (16, 16)),  # the paper's MLP; E = 8 padded to a 16-wide q k^T tile
     (35, 20, 24, True, "bool", {"hidden": "wide", "activation": "gelu"}, (16, 32)),  # E = 24 in a 32-wide tile
+    (20, 35, 24, True, None, {"learn_scale": True}, (32, 16)),  # the scale multiplies the MLP, not q . k
 ])
 def test_residual_score_matches_reference(L, S, head_dim, is_causal, mask_kind, options, blocks):
     """NeuralScore(residual=True) adds q_i . k_j / sqrt(E): one more tile product in the forward, dS K and

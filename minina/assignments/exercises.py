@@ -329,8 +329,9 @@ def _check_band_score(make_band_score, generator):
 
 
 def _scores_and_inputs(generator, B, H, L, S, E, dtype, spread=False, **options):
-    """(score, [q, k, v]); spread=True draws the MLP weights from N(0, 2 / fan_in) with zero biases (He et al.),
-    for logits that vary from key to key, so a running maximum moves."""
+    """(score, [q, k, v]); spread=True draws the MLP weights from N(0, 2 / fan_in) with zero biases (He et al.;
+    the study's init="kaiming"), for logits that vary from key to key, so a running maximum moves. A plain
+    NeuralScore, so that it travels to the student's kernel by its options and weights."""
     score = NeuralScore(E, **options)
     if spread:
         for layer in score.linears():

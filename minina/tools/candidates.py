@@ -13,6 +13,7 @@ from ..activations import ACTIVATIONS
 from ..scores import NeuralScore
 
 INITS = ("paper", "kaiming")
+REJECTED_OPTIONS = ("init", "learn_scale", "scale_init", "bias_init", "zero_last")  # and activation="leaky_relu"
 
 
 class ScaledMLP(nn.Sequential):
@@ -27,7 +28,8 @@ class ScaledMLP(nn.Sequential):
 
 
 class CandidateScore(NeuralScore):
-    """NeuralScore with the training aids the study measured: each keyword below changes only the init or the scale.
+    """NeuralScore with the training aids the study measured: the keywords below change the init, the scale or
+    the activation.
 
     init="kaiming" draws the MLP weights from N(0, 2 / fan_in) with zero biases; bias_init=b sets the biases of the
     hidden layers to b (hidden units start on); learn_scale=True multiplies the MLP's logit by a learnable scalar

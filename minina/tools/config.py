@@ -15,7 +15,7 @@ import torch
 from ..attention import BACKENDS, check_backend
 from ..models import ATTENTIONS
 from ..scores import RELIABLE_SCORE_OPTIONS, NeuralScore
-from .candidates import CandidateScore
+from .candidates import REJECTED_OPTIONS
 from .data import IMAGE_DATASETS, TEXT_DATASETS
 from .train_tasks import TRAIN_TASKS
 
@@ -166,18 +166,19 @@ def _check_score_options(config):
         return
     if not isinstance(options, dict):
         raise ValueError(f"score_options must be a dict or None, got {type(options).__name__}")
+    rejected = [name for name in options if name in REJECTED_OPTIONS]
+    rejected += ["activation='leaky_relu'"] if options.get("activation") == "leaky_relu" else []
+    hint = (f"; {', '.join(rejected)}: rejected by the learnability study, only its probes take "
+            f"{'it' if len(rejected) == 1 else 'them'} (minina.tools.candidates)" if rejected else "")
     known = [name for name in inspect.signature(NeuralScore).parameters if name not in ("head_dim", "proj_dim")]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        studied = [name for name in unknown if name in inspect.signature(CandidateScore).parameters]
         raise ValueError(f"score_options has unknown key(s) {unknown}: NeuralScore takes {known} (proj_dim has its "
-                         f"own flag), e.g. {json.dumps(RELIABLE_SCORE_OPTIONS)}"
-                         + (f"; {studied}: options the learnability study measured and rejected, which only its "
-                            "probes take (minina.tools.candidates)" if studied else ""))
+                         f"own flag), e.g. {json.dumps(RELIABLE_SCORE_OPTIONS)}{hint}")
     try:
         NeuralScore(config.dim // config.heads, config.proj_dim, **options)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"score_options {options}: {error}") from None
+        raise ValueError(f"score_options {options}: {error}{hint}") from None
 
 
 def check_device(device):

@@ -1,4 +1,4 @@
-"""`python -m minina study-learnability`: which NeuralScore options make training find what the score can express.
+"""`python -m minina study-learnability`: which score options make training find what the score can express.
 
 Trains one attention head (probes.AttentionProbe) per (task, variant, seed) and asks, per task, how many seeds
 escape the dot-product floor (test MSE at most ESCAPE_FACTOR times the best dot-product run's) and how many reach
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .probes import TASKS, train_probe
 
-HELP = "success rate over seeds of NeuralScore training options on probe tasks (CSV, table, plot)"
+HELP = "success rate over seeds of score training options on probe tasks (CSV, table, plot)"
 
 # The protocol, written down before any held-out result existed (README "Training reliably", Protocol).
 # Options are chosen on PROBES only. HELD_OUT is a second family of non-affine attention patterns of other shapes

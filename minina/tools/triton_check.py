@@ -15,6 +15,7 @@ import torch
 
 from ..attention import neural_attention
 from ..scores import NeuralScore
+from .candidates import REJECTED_OPTIONS, CandidateScore
 
 NAMES = ["out", "dq", "dk", "dv"]
 
@@ -26,8 +27,9 @@ def _expect(condition, message):
 
 
 def lively_score(head_dim, device="cpu", **options):
-    """A NeuralScore with wide random parameters, so that ReLU units are alive and every gradient is non-zero."""
-    score = NeuralScore(head_dim, **options)
+    """A NeuralScore with wide random parameters, so that ReLU units are alive and every gradient is non-zero; a
+    CandidateScore when options name one the study rejected (learn_scale: the scale the kernels see folded)."""
+    score = (CandidateScore if set(options) & set(REJECTED_OPTIONS) else NeuralScore)(head_dim, **options)
     with torch.no_grad():
         for layer in [score.q_proj, score.k_proj, *score.linears()]:
             layer.weight.normal_(0.0, 1.5 / layer.in_features ** 0.5)
@@ -177,6 +179,7 @@ def gpu_checks(device):
                                                                                   (20, 0), (2048, 2048))]
     checks += [("d'=16", lambda: lengths(64, 64, 32, proj_dim=16)),
                ("gelu, hidden (6, 3)", lambda: lengths(70, 70, 16, proj_dim=4, hidden=(6, 3), activation="gelu")),
+               ("learn_scale", lambda: lengths(70, 70, 16, proj_dim=4, learn_scale=True)),
                ("residual autotuned L=300 S=257", lambda: lengths(300, 257, residual=True)),
                ("residual wide+gelu E=128 L=257 S=300",
                 lambda: lengths(257, 300, 128, residual=True, hidden="wide", activation="gelu")),
