@@ -82,7 +82,8 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has 
     (["train", "--score-options", '{"activation": "gelo"}'], "activation must be one of ['gelu', 'relu'], got 'gelo'"),
     (["train", "--score-options", '{"init": "kaiming"}'], "score_options has unknown key(s) ['init']: NeuralScore "
      "takes ['hidden', 'activation', 'residual'] (proj_dim has its own flag), e.g. {\"hidden\": \"wide\", "
-     "\"activation\": \"gelu\"}; init: rejected by the learnability study, only its probes take it (minina.tools.candidates)"),
+     "\"activation\": \"gelu\"}; init: rejected by the learnability study, only its probes take it "
+     "(minina.tools.candidates)"),
     (["train", "--score-options", '{"activation": "leaky_relu"}'], "got 'leaky_relu'; activation='leaky_relu': "
      "rejected by the learnability study, only its probes take it (minina.tools.candidates)"),
     (["train", "--score-options", '{"proj_dim": 4}'], "score_options has unknown key(s) ['proj_dim']: NeuralScore "
