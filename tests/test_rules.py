@@ -11,15 +11,13 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+from test_assignments import FOLDER, SOLUTIONS, run_cell  # pytest puts tests/ on the path
 
 import minina
 from minina.assignments import EXERCISES
 from minina.assignments.checks import run_exercise
 from minina.assignments.probe import execute
 from minina.assignments.rules import source_violations
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_assignments import FOLDER, SOLUTIONS, run_cell  # noqa: E402
 
 STUDENT = sorted(FOLDER.glob("a*.ipynb"))
 
@@ -266,7 +264,7 @@ def test_lazy_outputs_do_not_cross():
 ])
 def test_the_rule_names_the_construct(source, words):
     messages = only(violations("A1.masked_softmax", source), words)
-    assert all(message.startswith("cell ") or message.startswith("A1.") for message in messages)
+    assert all(message.startswith(("cell ", "A1.")) for message in messages)
 
 
 def test_a_score_split_is_told_from_a_tensor_split():

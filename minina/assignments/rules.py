@@ -87,10 +87,14 @@ def source_violations(cells, spec):
     """Messages naming each construct of cells ([(cell index, source)] as the grader ran them) that fails spec."""
     trees = parse(cells)
     scope = _Scope(trees)
-    messages = [f"cell {index}, line {node.lineno}: {what} is not allowed in graded code"
-                for index, tree in trees for node, what in _notebook_wide(tree, scope)]
-    if spec.forbid:
-        messages += _exercise_violations(scope, spec)
+    try:
+        scope.resolve()
+        messages = [f"cell {index}, line {node.lineno}: {what} is not allowed in graded code"
+                    for index, tree in trees for node, what in _notebook_wide(tree, scope)]
+        if spec.forbid:
+            messages += _exercise_violations(scope, spec)
+    except Intricate as error:
+        messages = [f"{spec.id}: names bound too intricately for the grader to follow ({error})"]
     return list(dict.fromkeys(messages))
 
 
@@ -101,7 +105,7 @@ class _Scope:
     """The notebook's global names: each binding's (cell index, node, value) and what each import alias names."""
 
     def __init__(self, trees):
-        self.bindings, self.imports = {}, {}
+        self.bindings, self.imports, self.names = {}, {}, {}
         for index, tree in trees:
             for node in _top_level(tree.body):
                 self._bind(index, node)
@@ -128,28 +132,50 @@ class _Scope:
                     if isinstance(name, ast.Name):
                         self.bindings.setdefault(name.id, []).append((index, value))
 
-    def dotted(self, node, local=None, depth=0):
-        """The dotted names (e.g. "torch.nn.functional.softmax") node may stand for, through imports and aliases."""
-        local = local or {}
-        if depth > 20:
-            return set()
+    def resolve(self):
+        """Each global name's dotted names, to a fixed point (aliases may be bound in any order, even in a cycle)."""
+        self.names, users = {name: set(dotted) for name, dotted in self.imports.items()}, {}
+        for name, bindings in self.bindings.items():
+            for _, value in bindings:
+                for node in ast.walk(value) if isinstance(value, ast.expr) else ():
+                    if isinstance(node, ast.Name):
+                        users.setdefault(node.id, set()).add(name)
+        work, steps = list(self.bindings), 0
+        while work:
+            name, steps = work.pop(), steps + 1
+            new = set().union(*(self.dotted(value) for _, value in self.bindings[name] if isinstance(value, ast.expr)))
+            if steps > 20000 or len(new) > 64:
+                raise Intricate(name)
+            if not new <= self.names.setdefault(name, set()):
+                self.names[name] |= new
+                work += users.get(name, ())
+
+    def dotted(self, node, local=None, budget=None, visiting=frozenset()):
+        """The dotted names (e.g. "torch.nn.functional.softmax") node may stand for, through imports and aliases;
+        local: a function's own names -> the values assigned to them (none for a parameter)."""
+        local, budget = local or {}, budget or [5000]
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise Intricate(ast.unparse(node)[:40])
         if isinstance(node, ast.Name):
-            if node.id in local:
-                return set().union(*(self.dotted(v, local, depth + 1) for v in local[node.id])) if local[node.id] \
-                    else set()
-            names = set(self.imports.get(node.id, ()))
-            for _, value in self.bindings.get(node.id, ()):
-                if isinstance(value, ast.expr):
-                    names |= self.dotted(value, {}, depth + 1)
-            return names
+            if node.id not in local:
+                return set(self.names.get(node.id, ()))
+            if node.id in visiting:
+                return set()
+            inner = visiting | {node.id}
+            return set().union(*(self.dotted(value, local, budget, inner) for value in local[node.id]))
         if isinstance(node, ast.Attribute):
-            return {f"{base}.{node.attr}" for base in self.dotted(node.value, local, depth + 1)}
+            return {f"{base}.{node.attr}" for base in self.dotted(node.value, local, budget, visiting)}
         if _is_literal_getattr(node):
-            return {f"{base}.{node.args[1].value}" for base in self.dotted(node.args[0], local, depth + 1)}
+            return {f"{base}.{node.args[1].value}" for base in self.dotted(node.args[0], local, budget, visiting)}
         if isinstance(node, (ast.IfExp, ast.BoolOp)):
             parts = (node.body, node.orelse) if isinstance(node, ast.IfExp) else node.values
-            return set().union(*(self.dotted(part, local, depth + 1) for part in parts))
+            return set().union(*(self.dotted(part, local, budget, visiting) for part in parts))
         return set()
+
+
+class Intricate(Exception):
+    """Names bound so intricately that following them would cost the grader too much: a violation in itself."""
 
 
 def _top_level(body):
@@ -192,6 +218,8 @@ def _is_literal_getattr(node):
 def _notebook_wide(tree, scope):
     """(node, words) for each construct of tree that tampers with the grader or the process."""
     parents = _parents(tree)
+    parents.update({("locals", id(node)): _locals(node) for node in ast.walk(tree)
+                    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))})
     allowed = {id(inner) for node in ast.walk(tree) if _is_exit_code_read(node) for inner in ast.walk(node)}
     for node in ast.walk(tree):
         if id(node) in allowed:
@@ -298,14 +326,16 @@ def _root(node):
 
 
 def _is_local(parents, name):
-    """Whether name is a parameter or local of the function it is used in (then it does not stand for an import)."""
+    """Whether name is a parameter or local of the function it is used in (then it does not stand for an import).
+
+    parents: the tree's child -> parent map, plus each function's id -> its local names (see _notebook_wide)."""
     if not isinstance(name, ast.Name):
         return False
     node = name
     while id(node) in parents:
         node = parents[id(node)]
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            return name.id in _locals(node)
+            return name.id in parents[("locals", id(node))]
     return False
 
 
@@ -411,14 +441,19 @@ def _part_violation(part, local, scope, objects, attributes, split_forbidden):
     return None
 
 
-def _score_like(node, local, scope, depth=0):
+def _score_like(node, local, scope, budget=None, visiting=frozenset()):
     """Whether node may be a NeuralScore: a parameter or alias of one, type(...), or a NeuralScore built in place."""
-    if depth > 10:
-        return True
+    budget = budget or [2000]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise Intricate(ast.unparse(node)[:40])
     if isinstance(node, ast.Name):
+        if node.id in visiting:
+            return False
+        inner = visiting | {node.id}
         if node.id in local:
-            return not local[node.id] or any(_score_like(v, local, scope, depth + 1) for v in local[node.id])
-        return any(_score_like(v, {}, scope, depth + 1) for _, v in scope.bindings.get(node.id, ())
+            return not local[node.id] or any(_score_like(v, local, scope, budget, inner) for v in local[node.id])
+        return any(_score_like(v, {}, scope, budget, inner) for _, v in scope.bindings.get(node.id, ())
                    if isinstance(v, ast.expr)) or any(_is_score_class(d) for d in scope.dotted(node))
     if isinstance(node, ast.Call):
         if isinstance(node.func, ast.Name) and node.func.id == "type":
