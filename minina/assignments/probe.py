@@ -249,8 +249,9 @@ def portable(value, depth=0):
     return {OPAQUE: type(value).__name__}
 
 
-_LIBRARY = tuple({str(Path(path).resolve()) for path in (*sysconfig.get_paths().values(), Path(torch.__file__).parent,
-                                                          Path(minina.__file__).parent)})
+_LIBRARY = tuple({str(Path(path).resolve()) + "/" for path in (
+    *(sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")),
+    Path(torch.__file__).parent, Path(minina.__file__).parent)})  # where a library's code lives, not a notebook's
 
 
 def is_stub(exception):

@@ -33,7 +33,8 @@ BANNED_MODULES = {"importlib", "ctypes", "threading", "multiprocessing", "subpro
                   "functorch", "tempfile", "glob", "fcntl", "mmap", "atexit", "sys", "os"}  # sys, os: see USES
 USES = {"os": {"os.environ", "os.environ.get", "os.environ.setdefault"},  # the only uses of these modules
         "sys": {"sys.modules", "sys.version", "sys.version_info", "sys.version_info.major",
-                "sys.version_info.minor", "sys.platform"},
+                "sys.version_info.minor", "sys.platform", "sys.stdout.write", "sys.stdout.flush",
+                "sys.stderr.write", "sys.stderr.flush"},
         "importlib": {"importlib.util.find_spec", "importlib.invalidate_caches", "importlib.util"},
         "minina.assignments": {"minina.assignments.check", "minina.assignments.passed"}}
 BANNED_NAMES = {"torch.ops", "torch.library", "torch.load", "torch.from_file", "torch.hub", "torch.utils.cpp_extension",
