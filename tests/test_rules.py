@@ -261,6 +261,12 @@ def test_lazy_outputs_do_not_cross():
     ("g = globals()", "globals(...)"), ("b = __builtins__", "the name __builtins__"),
     ("import torch\nt = torch._C", "the attribute ._C"), ("import os\nos.system('ls')", "os.system"),
     ("import ctypes", "importing ctypes"), ("import subprocess", "importing subprocess"),
+    ("import string", "importing string"), ("import unittest.mock", "importing unittest.mock"),
+    ("def masked_softmax(x):\n    import minina.masks as m\n    return m.masked_softmax(x)",
+     "A1.masked_softmax uses minina.masks.masked_softmax"),
+    ("def masked_softmax(x):\n    return next(iter([x])).gi_frame.f_back", "the frame or code attribute .f_back"),
+    ("import torch\n\ndef masked_softmax(x):\n    return torch.jit.CompilationUnit('def f(x): return x').f(x)",
+     "A1.masked_softmax uses torch.jit"),
 ])
 def test_the_rule_names_the_construct(source, words):
     messages = only(violations("A1.masked_softmax", source), words)

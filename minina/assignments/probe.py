@@ -241,7 +241,7 @@ def portable(value, depth=0):
         return float(value)
     if depth < 4 and type(value) in (tuple, list) and len(value) <= 1000:
         return type(value)(portable(x, depth + 1) for x in value)
-    if depth < 4 and type(value) is dict and len(value) <= 1000 and all(type(key) in (str, int, float) for key in value):
+    if depth < 4 and type(value) is dict and len(value) <= 1000 and all(type(k) in (str, int, float) for k in value):
         return {key: portable(x, depth + 1) for key, x in value.items()}
     if type(value) is NeuralScore:
         options = {name: getattr(value, name) for name in ("head_dim", "proj_dim", "hidden", "activation", "residual")}

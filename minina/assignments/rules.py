@@ -6,16 +6,17 @@ construct it rejects, "cell 7, line 3: exec(...) is not allowed in graded code";
 
 Two levels:
 - **notebook-wide**, every code cell: nothing that tampers with the grader or the process (exec, eval, compile,
-  __import__, setattr, getattr on a computed name, globals()/locals()/vars(), file reads, the modules of
-  BANNED_MODULES, os beyond os.environ, sys beyond `... in sys.modules`, importlib beyond the Colab set-up's two
-  calls, minina.assignments beyond check and passed, torch.ops, attributes starting with "_", assignments into an
-  imported module, shell escapes and magics other than %pip and %matplotlib);
+  __import__, setattr, getattr on a computed name, globals()/locals()/vars(), file reads, frames, imports beyond
+  ALLOWED_MODULES, the names of BANNED_NAMES, os beyond os.environ, sys beyond `... in sys.modules`, importlib
+  beyond the Colab set-up's two calls, minina.assignments beyond check and passed, attributes starting with "_",
+  assignments into an imported module, shell escapes and magics other than %pip and %matplotlib);
 - **per exercise**: the exercise's functions and everything they reach by name in the notebook's global scope
   (functions, classes, lambdas, the values of global assignments, import aliases, transitively) may not reach
-  what the exercise forbids (FORBIDDEN_OBJECTS by label, plus minina's chunked, compiled and kernel modules, which
-  compute every exercise's answer). A score's `.split` is told from a tensor's by its receiver: a parameter (or an
-  alias of one), `type(...)` or a NeuralScore built in place is a score; an attribute, item or call result (say
-  `first.weight.split(P, dim=1)`) or `torch.split(...)` is a tensor. Code this misses meets the runtime watch.
+  what the exercise forbids (_forbidden_objects() by label, plus minina's INTERNALS, which compute every
+  exercise's answer, and the compilers of UNSEEN, whose code the runtime watch cannot follow). A score's `.split`
+  is told from a tensor's by its receiver: a parameter (or an alias of one), `type(...)` or a NeuralScore built in
+  place is a score; an attribute, item or call result (say `first.weight.split(P, dim=1)`) or `torch.split(...)`
+  is a tensor. Code this misses meets the runtime watch.
 """
 import ast
 import inspect
@@ -26,11 +27,11 @@ from IPython.core.inputtransformer2 import TransformerManager
 
 BANNED_CALLS = {"exec", "eval", "compile", "__import__", "breakpoint", "setattr", "delattr", "vars", "locals",
                 "globals", "open", "input", "memoryview", "dir", "getattr"}  # getattr(x, "literal") is let through
-BANNED_MODULES = {"importlib", "ctypes", "threading", "multiprocessing", "subprocess", "gc", "inspect", "types",
-                  "marshal", "pickle", "builtins", "code", "codeop", "runpy", "io", "pathlib", "shutil", "signal",
-                  "socket", "concurrent", "asyncio", "operator", "weakref", "copyreg", "linecache", "traceback",
-                  "sysconfig", "site", "pty", "resource", "faulthandler", "tracemalloc", "dill", "cloudpickle",
-                  "functorch", "tempfile", "glob", "fcntl", "mmap", "atexit", "sys", "os"}  # sys, os: see USES
+ALLOWED_MODULES = {"math", "cmath", "statistics", "random", "itertools", "functools", "collections", "dataclasses",
+                   "typing", "time", "datetime", "json", "re", "enum", "abc", "contextlib", "copy", "numbers",
+                   "warnings", "pprint", "textwrap", "fractions", "decimal", "heapq", "bisect", "array", "__future__",
+                   "os", "sys", "importlib", "torch", "numpy", "matplotlib", "triton", "minina", "einops", "scipy",
+                   "seaborn", "tqdm", "IPython.display"}  # what a notebook may import (os, sys, importlib: see USES)
 USES = {"os": {"os.environ", "os.environ.get", "os.environ.setdefault"},  # the only uses of these modules
         "sys": {"sys.modules", "sys.version", "sys.version_info", "sys.version_info.major",
                 "sys.version_info.minor", "sys.platform", "sys.stdout.write", "sys.stdout.flush",
@@ -38,10 +39,15 @@ USES = {"os": {"os.environ", "os.environ.get", "os.environ.setdefault"},  # the 
         "importlib": {"importlib.util.find_spec", "importlib.invalidate_caches", "importlib.util"},
         "minina.assignments": {"minina.assignments.check", "minina.assignments.passed"}}
 BANNED_NAMES = {"torch.ops", "torch.library", "torch.load", "torch.from_file", "torch.hub", "torch.utils.cpp_extension",
-                "torch.jit.load", "numpy.load", "numpy.fromfile", "numpy.loadtxt", "numpy.genfromtxt", "numpy.memmap"}
+                "torch.jit.load", "torch.package", "torch.multiprocessing", "torch.distributed", "numpy.load",
+                "numpy.fromfile", "numpy.loadtxt", "numpy.genfromtxt", "numpy.memmap", "numpy.ctypeslib",
+                "typing.get_type_hints"}  # code loaders, file readers, processes and string evaluators
+FRAMES = {"gi_frame", "gi_code", "cr_frame", "cr_code", "ag_frame", "ag_code", "tb_frame", "tb_next", "f_back",
+          "f_globals", "f_locals", "f_builtins", "f_code", "f_trace", "co_code", "co_consts", "co_names"}  # frames
 DUNDERS = {"__version__", "__name__", "__doc__"}  # read-only strings: the notebooks print versions
 MAGICS = {"pip", "matplotlib"}  # the line magics a notebook may use: the Colab install, inline plots
 INTERNALS = ("minina.chunked", "minina.compiled", "minina.triton_kernels", "minina.modules", "minina.models")
+UNSEEN = ("torch.jit", "torch.compile", "torch.fx", "torch.export")  # compiled code the runtime watch cannot follow
 
 
 def _forbidden_objects():
@@ -116,7 +122,9 @@ class _Scope:
                 elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     declared = {n for s in _own_nodes(node) if isinstance(s, ast.Global) for n in s.names}
                     for name, value in _local_assignments(node):
-                        if name in declared:
+                        if name in declared and isinstance(value, str):
+                            self.imports.setdefault(name, set()).add(value)
+                        elif name in declared:
                             self.bindings.setdefault(name, []).append((index, value))
 
     def _bind(self, index, node):
@@ -158,6 +166,8 @@ class _Scope:
         budget[0] -= 1
         if budget[0] < 0:
             raise Intricate(ast.unparse(node)[:40])
+        if isinstance(node, str):  # a local import's dotted name
+            return {node}
         if isinstance(node, ast.Name):
             if node.id not in local:
                 return set(self.names.get(node.id, ()))
@@ -234,6 +244,8 @@ def _notebook_wide(tree, scope):
                 yield node, f"the name {node.id}"
             elif node.id == "get_ipython" and not _is_allowed_magic(parents, node):
                 yield node, "a shell escape or magic other than %pip and %matplotlib"
+        elif isinstance(node, ast.Attribute) and node.attr in FRAMES:
+            yield node, f"the frame or code attribute .{node.attr}"
         elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and node.attr not in DUNDERS:
             yield node, f"the attribute .{node.attr}"
         elif _is_literal_getattr(node) and node.args[1].value.startswith("_"):
@@ -275,7 +287,7 @@ def _import_violations(node):
         if alias.name == "*":
             yield f"from {module} import *"
         elif (any(part.startswith("_") for part in parts)
-              or parts[0] in BANNED_MODULES and parts[0] not in ("sys", "os", "importlib")
+              or parts[0] not in ALLOWED_MODULES and ".".join(parts[:2]) not in ALLOWED_MODULES
               or parts[0] == "importlib" and full not in ("importlib", "importlib.util")
               or full.startswith("minina.assignments.") and full not in USES["minina.assignments"]
               or any(full == banned or full.startswith(banned + ".") for banned in BANNED_NAMES)):
@@ -377,6 +389,7 @@ def _exercise_violations(scope, spec):
     forbidden = _forbidden_objects()
     objects = [obj for label in spec.forbid for obj in forbidden.get(label, ())]
     objects += [sys.modules[name] for name in INTERNALS if name in sys.modules]
+    objects += [obj for obj in map(_resolve, UNSEEN) if obj is not None]
     attributes = set().union(*(FORBIDDEN_ATTRIBUTES.get(label, set()) for label in spec.forbid))
     messages, seen, queue = [], set(), list(spec.names)
     while queue:
@@ -419,16 +432,21 @@ def _parts(node):
 
 
 def _local_assignments(function):
-    """(name, value) of each plain `name = value` in a function's own body: local aliases."""
+    """(name, value) of each plain `name = value` in a function's own body, and (name, dotted name) of each import
+    in it: its local aliases."""
     for node in _own_nodes(function):
         if isinstance(node, ast.Assign):
             for target in node.targets:
                 if isinstance(target, ast.Name):
                     yield target.id, node.value
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield from _import_names(node)
 
 
 def _part_violation(part, local, scope, objects, attributes, split_forbidden):
     """Words naming the forbidden thing part uses, or None."""
+    if isinstance(part, (ast.Import, ast.ImportFrom)):  # an import inside a function
+        return next((dotted for _, dotted in _import_names(part) if _reaches(dotted, objects)), None)
     attribute, receiver = ((part.attr, part.value) if isinstance(part, ast.Attribute) else
                            (part.args[1].value, part.args[0]) if _is_literal_getattr(part) else (None, None))
     if attribute in attributes:
@@ -448,6 +466,8 @@ def _score_like(node, local, scope, budget=None, visiting=frozenset()):
     budget[0] -= 1
     if budget[0] < 0:
         raise Intricate(ast.unparse(node)[:40])
+    if isinstance(node, str):  # a local import's dotted name
+        return _is_score_class(node)
     if isinstance(node, ast.Name):
         if node.id in visiting:
             return False
