@@ -265,6 +265,7 @@ def test_lazy_outputs_do_not_cross():
     ("def masked_softmax(x):\n    import minina.masks as m\n    return m.masked_softmax(x)",
      "A1.masked_softmax uses minina.masks.masked_softmax"),
     ("def masked_softmax(x):\n    return next(iter([x])).gi_frame.f_back", "the frame or code attribute .f_back"),
+    ("from torch.nn.attention.flex_attention import flex_attention as masked_softmax", "uses torch.nn.attention"),
     ("import torch\n\ndef masked_softmax(x):\n    return torch.jit.CompilationUnit('def f(x): return x').f(x)",
      "A1.masked_softmax uses torch.jit"),
 ])

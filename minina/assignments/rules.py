@@ -19,6 +19,7 @@ Two levels:
   is a tensor. Code this misses meets the runtime watch.
 """
 import ast
+import importlib
 import inspect
 import sys
 import types
@@ -69,10 +70,11 @@ def _forbidden_objects():
             "nn.MultiheadAttention": [torch.nn.MultiheadAttention, torch.nn.functional.multi_head_attention_forward,
                                       torch.nn.Transformer, torch.nn.TransformerEncoderLayer,
                                       torch.nn.TransformerDecoderLayer],
-            "F.scaled_dot_product_attention": [torch.nn.functional.scaled_dot_product_attention],
+            "F.scaled_dot_product_attention": [torch.nn.functional.scaled_dot_product_attention,
+                                               importlib.import_module("torch.nn.attention")],  # flex_attention
             "an aten scaled_dot_product op": fused,
             "autograd (backward or torch.autograd.grad)": [torch.autograd, torch.func, torch.Tensor.backward,
-                                                           torch.autograd.grad, torch.vmap]}
+                                                           torch.autograd.grad]}
 
 
 FORBIDDEN_ATTRIBUTES = {"NeuralScore.logits": {"logits"},
