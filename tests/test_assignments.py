@@ -588,11 +588,30 @@ def padding_mask(lengths, max_len):  # honest: this one earns its point
     return (torch.arange(max_len) < lengths[:, None])[:, None, None, :]
 """
 
+WATCH_OFF = r"""
+import minina.assignments.probe as probe
+from minina.masks import masked_softmax
+
+
+class NoOp:
+    def __init__(self, *args, **kwargs):
+        self.hits, self.widths = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+probe.Watch = NoOp
+"""
+
 STUBBORN = "while True:\n    try:\n        time.sleep(0.05)\n    except KeyboardInterrupt:\n        pass"
 
 LIBRARY = {  # assignment -> a cell that solves its central exercises with one library call
     "A2": "def pair_logits(q, k, score):\n    return type(score).logits(score, q, k)",
-    "A4": "def split_first_layer(q, k, score):\n    return score.split(q, k)[:2]\n\n"
+    "A4": "def split_first_layer(q, k, score):\n    return [score][0].split(q, k)[:2]  # past the source rule\n\n"
           "def online_attention(q, k, v, score, block_size, is_causal=False):\n"
           "    logits = type(score).logits(score, q, k)  # every key at once\n"
           "    if is_causal:\n"
@@ -618,6 +637,7 @@ def graded(tmp_path_factory):
     submissions = {"solution": {a1: nbformat.read(FOLDER / "solutions" / a1, as_version=4)},
                    "student": {a1: nbformat.read(FOLDER / a1, as_version=4)}, "broken": {a1: broken},
                    "forge": {a1: with_cells(FOLDER / a1, FORGE)}, "aliases": {a1: with_cells(FOLDER / a1, ALIASES)},
+                   "watch_off": {a1: with_cells(FOLDER / a1, WATCH_OFF)},
                    "stubborn": {a1: with_cells(FOLDER / "solutions" / a1, "import time\n" + STUBBORN, at=3)},
                    "library": {ASSIGNMENTS[a][0] + ".ipynb": with_cells(FOLDER / (ASSIGNMENTS[a][0] + ".ipynb"), cell)
                                for a, cell in LIBRARY.items()}}
@@ -655,21 +675,28 @@ def test_grader_full_zero_and_error_rows(graded):
 def test_forged_lines_patches_and_frames_score_nothing(graded):
     rows = {row["exercise"]: row for row in graded[0]["forge"]}
     assert points(rows.values()) == (0, 3), rows
-    softmax = rows["A1.masked_softmax"]
-    assert softmax["status"] == "failed" and "no expected value" in softmax["message"]
-    assert "A1.attention called minina.dot_product_attention" in rows["A1.attention"]["message"]
-    assert rows["A1.padding_mask"]["status"] == "not attempted"
+    for row in rows.values():  # the source rule, judged in the grader, fails the notebook's attempted exercises
+        assert row["status"] == "failed", row
+        assert "importing minina.assignments.checks is not allowed in graded code" in row["message"]
+    assert "changing checks.run_exercise" in rows["A1.masked_softmax"]["message"]
+
+
+def test_turning_the_watch_off_scores_nothing(graded):
+    rows = {row["exercise"]: row for row in graded[0]["watch_off"]}
+    assert points(rows.values()) == (0, 3), rows
+    assert rows["A1.masked_softmax"]["status"] == "failed"
+    assert "importing minina.assignments.probe" in rows["A1.masked_softmax"]["message"]
 
 
 def test_library_calls_score_nothing_and_honest_work_scores_exactly(graded):
     rows = {row["exercise"]: row for row in graded[0]["aliases"] + graded[0]["library"]}
     assert points(graded[0]["aliases"]) == (1, 3) and rows["A1.padding_mask"]["status"] == "passed"
-    for exercise_id, label in (("A1.masked_softmax", "minina.masked_softmax"),
-                               ("A1.attention", "F.scaled_dot_product_attention"),
-                               ("A2.pair_logits", "NeuralScore.logits"), ("A4.split_first_layer", "NeuralScore.split"),
-                               ("A5.softmax_backward", "autograd")):
+    for exercise_id, words in (("A1.masked_softmax", "uses minina.masks.masked_softmax"),  # the source rule
+                               ("A1.attention", "uses torch.nn.functional.scaled_dot_product_attention"),
+                               ("A2.pair_logits", "uses .logits"), ("A5.softmax_backward", "uses .backward"),
+                               ("A4.split_first_layer", "called NeuralScore.split")):  # the watch, second line
         assert rows[exercise_id]["status"] == "failed" and float(rows[exercise_id]["points"]) == 0
-        assert f"{exercise_id} called {label}" in rows[exercise_id]["message"], rows[exercise_id]
+        assert f"{exercise_id} {words}" in rows[exercise_id]["message"], rows[exercise_id]
     assert "keys at once" in rows["A4.online_attention"]["message"]
     assert rows["A5.mlp_backward"]["status"] == "passed" and points(graded[0]["library"]) == (1, 8)
 

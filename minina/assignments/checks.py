@@ -4,8 +4,9 @@ An exercise is a function registered with @exercise(id, names, forbid=...): it r
 and a torch.Generator seeded by the caller, draws inputs, runs the student's objects through call() (in-process for
 check(), in the kernel for the grader: see probe.py), compares what comes back with minina's own reference, and
 raises CheckFailed with a reason that names the failing case. The verdict is always decided where the exercise
-runs, so the grader's is out of the notebook's reach. A stub that still raises NotImplementedError (or a value left
-as `...`) means "not attempted".
+runs, so the grader's is out of the notebook's reach. A stub that still raises its NotImplementedError (raised by
+the notebook's code with the exercise id as its message, see probe.is_stub), or a value left as `...`, means "not
+attempted"; any other NotImplementedError is an error of the student's code.
 Tolerances: one per dtype, in TOLERANCES; a value passes when |got - expected| <= tol * (1 + |expected|).
 """
 import copy
@@ -27,6 +28,10 @@ STATUSES = ("passed", "failed", "not attempted", "error")
 
 class CheckFailed(Exception):
     """Why a student's answer is wrong, in words shown to the student (never the solution)."""
+
+
+class NotAttempted(Exception):
+    """The student's function is still its stub (probe.is_stub): the exercise is "not attempted"."""
 
 
 class GraderError(Exception):
@@ -87,11 +92,6 @@ def exercise(id, names, points=1, forbid=()):
 def default_seed():
     """The base seed of the notebooks: $MININA_SEED, else 0."""
     return int(os.environ.get("MININA_SEED", 0))
-
-
-def is_stub(error):
-    """Whether error is, or wraps, the NotImplementedError of an unwritten exercise (Triton wraps it, for one)."""
-    return isinstance(error, NotImplementedError) or "NotImplementedError" in repr(error) + repr(error.__cause__)
 
 
 class Handle:
@@ -155,8 +155,11 @@ def run_exercise(exercise_id, objects, seed=None, handles=None):
         torch.manual_seed(seed)
         try:
             spec.run(*handles, generator=torch.Generator().manual_seed(seed))
-        except NotImplementedError:
+        except NotAttempted:
             return dataclasses.replace(result, status="not attempted", points=0)
+        except NotImplementedError as error:  # raised here by what the student's function returned, not a stub
+            return dataclasses.replace(result, status="failed", message=f"raised NotImplementedError: {error}",
+                                       points=0)
         except CheckFailed as failure:
             return dataclasses.replace(result, status="failed", message=str(failure), points=0)
         except GraderError as error:
@@ -193,7 +196,7 @@ def call(case, function, *args, observe=None, **kwargs):
     """The output of function(*args, **kwargs), or (output, observations) when observe is given (see probe.execute).
 
     function is a Handle to the student's object (or a plain callable of the checker's own). A stub's
-    NotImplementedError propagates; any other error, a forbidden call or a time-out is a CheckFailed naming case.
+    NotImplementedError becomes NotAttempted; any other error, a forbidden call or a time-out is a CheckFailed naming case.
     """
     if not isinstance(function, Handle):
         try:
@@ -206,7 +209,7 @@ def call(case, function, *args, observe=None, **kwargs):
                           f"yourself")
     error = reply["error"]
     if error and error["stub"]:
-        raise NotImplementedError(error["message"])
+        raise NotAttempted(error["message"])
     if error and error["type"] == "TimeoutError":
         raise CheckFailed(f"{case}: {error['message']}")
     if error:

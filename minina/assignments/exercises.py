@@ -10,7 +10,7 @@ import torch
 from ..attention import dot_product_attention, reference_neural_attention
 from ..masks import attention_bias, masked_softmax as reference_masked_softmax
 from ..scores import NeuralScore
-from .checks import TOLERANCES, CheckFailed, call, compare, compare_gradients, diagnose, exercise, random_tensor
+from .checks import TOLERANCES, CheckFailed, NotAttempted, call, compare, compare_gradients, diagnose, exercise, random_tensor
 
 ASSIGNMENTS = {
     "A1": ("a1_masked_attention", "Masked softmax and dot-product attention from scratch"),
@@ -688,7 +688,7 @@ def _check_conclude(conclude, generator):
 def _check_report(results, summary, conclusion, train_one, generator):
     results, summary, conclusion = results.value(), summary.value(), conclusion.value()
     if results is None or summary is None or conclusion is None:
-        raise NotImplementedError("A6.report")
+        raise NotAttempted("A6.report")
     if not isinstance(results, dict) or set(results) != {"dot", "hybrid"}:
         raise CheckFailed(f"results should be a dict with the keys 'dot' and 'hybrid', got {results!r:.80}")
     for kind, per_seed in results.items():

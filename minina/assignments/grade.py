@@ -30,6 +30,7 @@ from nbclient import NotebookClient
 
 from .checks import EXERCISES, GraderError, Handle, Result, restore, run_exercise
 from .probe import REPLY_MARKER, encode
+from .rules import source_violations
 from .submission import csv_text, gradescope_text, plan, rows_for, summary_table, write_atomic
 
 PING_TIMEOUT = 5  # seconds an interrupted kernel has to become idle before it is killed
@@ -241,8 +242,9 @@ class RemoteHandle(Handle):
                                    f"checking {self.exercise_id}")
 
 
-def grade_exercise(kernel, spec, seed, cell_errors):
-    """The Result of one exercise, its checks run here on the kernel's objects."""
+def grade_exercise(kernel, spec, seed, cell_errors, violations=()):
+    """The Result of one exercise, its checks run here on the kernel's objects; violations of the source rule
+    (rules.source_violations) fail an attempted exercise before any check runs."""
     states = kernel.request(dict(kind="names", names=list(spec.names)), kernel.timeout, f"checking {spec.id}")
     missing = [name for name, state in states.items() if state == "missing"]
     if missing:
@@ -251,6 +253,8 @@ def grade_exercise(kernel, spec, seed, cell_errors):
         return Result(spec.id, "error", message, max_points=spec.points)
     if "stub" in states.values():
         return Result(spec.id, "not attempted", max_points=spec.points)
+    if violations:
+        return Result(spec.id, "failed", "; ".join(violations[:3]), max_points=spec.points)
     deadline = time.monotonic() + kernel.timeout
     handles = [RemoteHandle(kernel, name, spec.id, spec.forbid, seed, deadline) for name in spec.names]
     return run_exercise(spec.id, None, seed, handles=handles)
@@ -277,8 +281,9 @@ def run_notebook(notebook, assignment, folder, seed, timeout, notebook_timeout, 
                     first = cell.source.strip().split("\n")[0][:60]
                     kernel.run(cell, index, timeout, f"running cell {index} ({first})")
             errors = cell_errors(notebook, count)
+            sources = [(i, cell.source) for i, cell in enumerate(notebook.cells[:count]) if cell.cell_type == "code"]
             for spec in specs:
-                results.append(grade_exercise(kernel, spec, seed, errors))
+                results.append(grade_exercise(kernel, spec, seed, errors, source_violations(sources, spec)))
     except GraderError as error:  # the kernel was killed or died: what is left could not be checked
         done = {result.exercise for result in results}
         results += [Result(spec.id, "error", f"the notebook could not be graded to the end: {error}",
