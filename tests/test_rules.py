@@ -4,6 +4,8 @@ watch alone; each names why it passed before (the watch ran in the student's pro
 threads, aten's `_op`, autograd's engine, forward mode and minina's internals, and let lazy outputs compute after
 it); every solution and a few honest variants pass both lines untouched.
 """
+import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -298,3 +300,15 @@ def test_not_implemented_deep_in_torch_is_a_failure_not_a_stub():
         raise NotImplementedError("not yet")
 
     assert run_exercise("A1.masked_softmax", [elsewhere]).status == "failed"
+
+
+def test_rule_runs_without_triton(tmp_path):
+    # an instructor on macOS or Windows grades with --unsafe: the rule must not need minina.triton_kernels there
+    (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["triton"] = None  # as if not installed\n')
+    program = ("from minina.assignments import EXERCISES\nfrom minina.assignments.rules import source_violations\n"
+               "cells = [(0, 'from minina.masks import masked_softmax as f\\ndef masked_softmax(x):\\n    return f(x)')]\n"
+               "print(source_violations(cells, EXERCISES['A1.masked_softmax']))")
+    result = subprocess.run([sys.executable, "-c", program], env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "minina.masks.masked_softmax" in result.stdout, result.stdout
