@@ -12,7 +12,7 @@ RELIABLE_SCORE_OPTIONS = {"hidden": "wide", "activation": "gelu"}
 
 
 def default_proj_dim(head_dim):
-    """d' = head_dim / 32, at least 2 (the paper uses d' = 2 at head_dim 64)."""
+    """d' = floor(head_dim / 32), at least 2 (the paper's released code: head_dim // 32, no floor; d' = 2 at 64)."""
     return max(2, head_dim // 32)
 
 
