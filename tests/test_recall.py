@@ -1,11 +1,13 @@
 """The recall sequence task against brute force: episodes, targets, baseline, corpus, and the affine key embedding."""
+import itertools
+
 import pytest
 import torch
 
 import minina
 from minina.tools.data import load_text
-from minina.tools.recall import (AffineKeyEmbedding, RELATIONS, recall_baseline, recall_corpus, recall_episodes,
-                          recall_target, recall_vocab)
+from minina.tools.recall import (AffineKeyEmbedding, RELATIONS, query_blind_weights, recall_baseline,
+                                 recall_blind_accuracy, recall_corpus, recall_episodes, recall_target, recall_vocab)
 
 K, V, N = 16, 4, 5
 
@@ -39,15 +41,48 @@ def test_episodes_are_seeded_and_ties_flagged():
     assert not tie[0] and target[0] == 0
 
 
-def test_baseline_is_the_most_common_value():
-    episodes = recall_episodes(300, N, K, V, "nearest", torch.Generator().manual_seed(1))
+def brute_target(query, keys, relation, num_keys=K):
+    """Plain-Python reading of the relation: the selected pair's index, or None on a tie."""
+    cost = [abs(query - key) if relation == "nearest" else abs(abs(query - key) - num_keys / 4) for key in keys]
+    return None if min(cost) == sorted(cost)[1] else cost.index(min(cost))
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_baseline_is_the_value_the_most_queries_select(relation):
+    episodes = recall_episodes(300, N, K, V, relation, torch.Generator().manual_seed(1))
     hits = 0
     for episode in episodes:
         pairs, _, answer = decode(episode)
-        counts = [sum(value == v for _, value in pairs) for v in range(V)]
-        hits += counts.index(max(counts)) == answer
-    assert recall_baseline(episodes, K, V) == pytest.approx(hits / 300)
-    assert 1 / V < recall_baseline(episodes, K, V) < 0.8  # better than chance, far from solved
+        targets = [brute_target(query, [key for key, _ in pairs], relation) for query in range(K)]
+        votes = [sum(t is not None and pairs[t][1] == v for t in targets) for v in range(V)]
+        hits += votes.index(max(votes)) == answer
+    assert recall_baseline(episodes, K, V, relation) == pytest.approx(hits / 300)
+    weights = query_blind_weights(episodes[:, :N] // V, relation, K)
+    assert weights.shape == (300, N) and (weights.sum(-1) <= K).all()
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_blind_accuracy_matches_enumeration(relation):
+    """Every ordered key tuple, value tuple and query of a small task, ties dropped, grouped by what the model sees."""
+    num_keys, num_pairs, num_values = 10, 3, 3
+    hits = total = 0
+    for keys in itertools.permutations(range(num_keys), num_pairs):
+        targets = [brute_target(query, keys, relation, num_keys) for query in range(num_keys)]
+        for values in itertools.product(range(num_values), repeat=num_pairs):
+            answers = [values[t] for t in targets if t is not None]
+            hits += max(answers.count(v) for v in range(num_values))
+            total += len(answers)
+    assert recall_blind_accuracy(num_pairs, num_keys, num_values, relation) == pytest.approx(hits / total, abs=1e-12)
+
+
+def test_blind_accuracy_matches_simulation_and_beats_the_majority_of_pairs():
+    episodes = recall_episodes(20_000, N, K, V, "ring", torch.Generator().manual_seed(2))
+    exact, simulated = recall_blind_accuracy(N, K, V, "ring"), recall_baseline(episodes, K, V, "ring")
+    assert abs(simulated - exact) < 4 * (exact * (1 - exact) / 20_000) ** 0.5
+    values, answers = episodes[:, :N] % V, episodes[:, -1] - K * V - K
+    majority = torch.nn.functional.one_hot(values, V).sum(1).argmax(-1)  # (20000,) the value most pairs carry
+    assert (majority == answers).double().mean().item() < simulated - 0.01
+    assert 1 / V < exact < 0.8  # better than chance, far from solved
 
 
 def test_corpus_is_episodes_with_separators():

@@ -3,9 +3,13 @@
 recall_episodes draws num_pairs tokens "k:v" with keys in [0, num_keys), a query "q", and the answer "v" of the pair
 whose key the relation selects; recall_corpus lays episodes out as a token stream for `python -m minina train
 --task lm` (datasets recall_ring and recall_nearest). With AffineKeyEmbedding a key enters a TransformerLM as a
-number (affine in the key), the theorem's setting, so one dot-product block cannot select by nearness; a lookup
-embedding, or a second block whose MLP builds nonlinear key features, can approximate it (notebook 07).
+number (affine in the key), the theorem's setting, where one dot-product head cannot single out both sides of the
+ring; a lookup embedding, or a second block whose MLP builds nonlinear key features, can approximate it (notebook
+08). recall_baseline and recall_blind_accuracy give what a model that ignores the query can reach.
 """
+import itertools
+from collections import Counter
+
 import torch
 import torch.nn as nn
 
@@ -59,12 +63,54 @@ def recall_episodes(count, num_pairs=6, num_keys=32, num_values=4, relation="rin
     return torch.cat(episodes)[:count]
 
 
-def recall_baseline(episodes, num_keys=32, num_values=4):
-    """Answer accuracy of the best guess that ignores the query: the value most pairs of the episode carry."""
-    values = episodes[:, :-2] % num_values  # (N, n)
-    counts = torch.nn.functional.one_hot(values, num_values).sum(dim=1)  # (N, num_values)
+def query_blind_weights(keys, relation="ring", num_keys=32):
+    """How many queries select each pair: keys (N, n) distinct ints -> (N, n) counts over the queries that do not tie.
+
+    Queries are uniform and tied episodes are redrawn, so to a model that sees the keys but not the query, pair j
+    is the target with probability counts[:, j] / counts.sum(-1).
+    """
+    N, n = keys.shape
+    counts = torch.zeros(N, n, dtype=torch.long)
+    for query in range(num_keys):
+        target, tie = recall_target(torch.full((N,), query), keys, relation, num_keys)  # (N,), (N,)
+        counts += torch.nn.functional.one_hot(target, n) * ~tie.unsqueeze(-1)  # (N, n)
+    return counts
+
+
+def recall_baseline(episodes, num_keys=32, num_values=4, relation="ring"):
+    """Answer accuracy on episodes of the best guess that ignores the query (it still sees the pairs).
+
+    The guess is the value whose pairs the most queries select (query_blind_weights): the Bayes rule given the
+    pairs alone. Episodes are token ids as recall_episodes returns them, drawn with the same relation.
+    """
+    pairs = episodes[:, :-2]  # (N, n) ids k V + v
+    weights = query_blind_weights(pairs // num_values, relation, num_keys)  # (N, n)
+    votes = torch.zeros(len(episodes), num_values, dtype=weights.dtype)
+    votes.scatter_add_(1, pairs % num_values, weights)  # (N, V) queries that would answer each value
     answers = episodes[:, -1] - num_keys * num_values - num_keys  # (N,)
-    return (counts.argmax(dim=-1) == answers).double().mean().item()
+    return (votes.argmax(dim=-1) == answers).double().mean().item()
+
+
+def recall_blind_accuracy(num_pairs=6, num_keys=32, num_values=4, relation="ring", chunk=100_000):
+    """Expected accuracy of recall_baseline's guess on recall_episodes' own distribution, exactly.
+
+    Enumerates every key set S (C(num_keys, num_pairs) of them) with its query counts c_j(S) (query_blind_weights)
+    and every grouping of the pairs by equal value, weighted by its probability under uniform values:
+    accuracy = sum_S E_values[max_v sum_{j: v_j = v} c_j(S)] / sum_S sum_j c_j(S), since a key set is drawn, after
+    redrawing ties, in proportion to its number of untied queries. The expectation over values depends on the
+    counts as a multiset only, so it is taken once per distinct sorted count vector.
+    """
+    key_sets = torch.tensor(list(itertools.combinations(range(num_keys), num_pairs)))  # (C(K, n), n)
+    counts = torch.cat([query_blind_weights(keys, relation, num_keys) for keys in key_sets.split(chunk)])
+    distinct, multiplicity = counts.sort(dim=-1).values.unique(dim=0, return_counts=True)  # (D, n), (D,)
+    groupings = Counter()  # pairs grouped by equal value, labels in order of first appearance -> value draws
+    for labels in itertools.product(range(num_values), repeat=num_pairs):
+        first = {}
+        groupings[tuple(first.setdefault(label, len(first)) for label in labels)] += 1
+    members = torch.nn.functional.one_hot(torch.tensor(list(groupings)), num_values).double()  # (G, n, V)
+    probability = torch.tensor(list(groupings.values()), dtype=torch.double) / num_values**num_pairs  # (G,)
+    best = torch.einsum("dn,gnv->dgv", distinct.double(), members).amax(dim=-1)  # (D, G) best value's queries
+    return ((best @ probability) * multiplicity).sum().item() / counts.sum().item()
 
 
 def recall_corpus(relation="ring", num_pairs=6, num_keys=32, num_values=4, episodes=(20_000, 2_000, 2_000),
