@@ -230,7 +230,7 @@ def big(*shape):
 
 def test_auto_on_cpu_picks_compiled_above_the_threshold(fresh_state, monkeypatch):
     score = NeuralScore(32)
-    large, small = big(32, 2, 64, 32), big(8, 2, 32, 32)  # 262,144 pairs (notebook 05's model) and 16,384
+    large, small = big(32, 2, 64, 32), big(8, 2, 32, 32)  # 262,144 pairs (notebook 06's model) and 16,384
     assert minina.attention.resolve_backend("auto", large, large, score) == "compiled"
     assert minina.attention.resolve_backend("auto", small, small, score) == "chunked"
     assert minina.attention.resolve_backend("auto", large) == "chunked"  # without v and score nothing is sized

@@ -60,5 +60,5 @@ def main(args):
     wins = sum(e < 0.5 * floor for e in results["neural"])
     threads = torch.get_num_threads()
     print(f"\nneural attention beat half the best dot-product error on {wins} of {len(results['neural'])} seeds; "
-          f"where it did not, training stalled (notebook 03 shows why). {time.perf_counter() - start:.0f} s on "
+          f"where it did not, training stalled (notebook 04 shows why). {time.perf_counter() - start:.0f} s on "
           f"{threads} CPU thread{'s' if threads != 1 else ''}.")
