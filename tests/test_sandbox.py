@@ -92,12 +92,15 @@ def test_no_process_outlives_its_notebook(tmp_path):
     """Processes a notebook detaches (a new session, a double fork) die with its sandbox."""
     token = f"minina-detached-{os.getpid()}-{time.time_ns()}"
     detach = ("import os, subprocess, sys\n"
-              f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', {token!r}],\n"
+              f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(900)', {token!r}],\n"
               "                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
               "if os.fork() == 0:\n"
               "    os.setsid()\n"
               "    if os.fork() == 0:\n"
-              f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(300)', {token!r}])\n"
+              "        null = os.open(os.devnull, os.O_RDWR)\n"
+              "        for fd in (0, 1, 2):\n"
+              "            os.dup2(null, fd)\n"
+              f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(900)', {token!r}])\n"
               "    os._exit(0)\n")
     submit(tmp_path / "detach", detach, HONEST_PADDING)
     grade_cli(tmp_path / "detach", "--out", tmp_path / "grades.csv", cwd=tmp_path)

@@ -50,7 +50,7 @@ def kernel_environment(folder):
 
 
 def _readable(paths):
-    """The existing folders among paths, minina's checkout root replaced by minina's package folder alone."""
+    """The outermost existing folders among paths, minina's checkout replaced by minina's package folder alone."""
     package = Path(minina.__file__).resolve().parent
     keep = {package}
     for path in paths:
@@ -60,7 +60,7 @@ def _readable(paths):
         if path in package.parents and path.name not in ("site-packages", "dist-packages"):
             continue  # a checkout (editable install, PYTHONPATH=.): its notebooks/ and solutions stay out
         keep.add(path)
-    return sorted(keep)
+    return sorted(p for p in keep if not any(q != p and p.is_relative_to(q) for q in keep))  # outermost only
 
 
 def sandbox_command(folder, paths, hidden=(), memory=None):
@@ -82,10 +82,11 @@ def sandbox_command(folder, paths, hidden=(), memory=None):
     command += [arg for name in ETC if (Path("/etc") / name).exists() for arg in
                 ("--ro-bind", f"/etc/{name}", f"/etc/{name}")]
     data = os.environ.get("MININA_DATA")
-    for path in _readable([*paths, *([data] if data else [])]):
+    shown = _readable([*paths, *([data] if data else [])])
+    for path in shown:
         command += ["--ro-bind", str(path), str(path)]
-    for path in hidden:
-        command += ["--ro-bind", "/dev/null", str(Path(path).resolve())] if Path(path).exists() else []
+    for path in map(Path.resolve, map(Path, hidden)):  # only those a shown folder holds need hiding
+        command += ["--ro-bind", "/dev/null", str(path)] if any(path.is_relative_to(p) for p in shown) else []
     command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(folder), str(folder),
                 "--chdir", str(folder)]
     for name, value in kernel_environment(folder).items():
