@@ -80,9 +80,12 @@ class _Client(NotebookClient):
         content = msg.get("content", {})
         size = len(content.get("text", "")) + sum(len(str(value)) for value in content.get("data", {}).values())
         self.used[cell_index] = self.used.get(cell_index, 0) + size
-        if self.used[cell_index] > self.limit(cell_index) and msg.get("msg_type") != "error":
+        if self.used[cell_index] > self.limit(cell_index):
             self.cut.add(cell_index)
-            return None
+            if msg.get("msg_type") != "error":
+                return None
+            content = dict(content, evalue=str(content.get("evalue"))[:1000], traceback=[])  # the error stays
+            msg = dict(msg, content=content)
         return super().output(outs, msg, display_id, cell_index)
 
 

@@ -112,7 +112,8 @@ def sandbox_available(paths):
     if shutil.which("bwrap") is None:
         return False, "bubblewrap is not installed (apt-get install bubblewrap, dnf install bubblewrap)"
     with tempfile.TemporaryDirectory(prefix="minina-sandbox-") as folder:
-        command = sandbox_command(folder, paths) + [sys.executable, "-c", "import minina"]
+        command = sandbox_command(folder, paths) + [  # the package is found there (without importing torch)
+            sys.executable, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('minina') is None)"]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as error:
