@@ -774,7 +774,7 @@ def test_gradescope_autograder_zip_end_to_end(tmp_path):
     assert names[:1] == ["minina-" + minina.__version__ + "-py3-none-any.whl"]
     assert names[1:] == ["private_checks.py", "run_autograder", "setup.sh"]
     assert "--assignment A1 --seed 3 --timeout 30" in (source / "run_autograder").read_text()
-    site = Path(tempfile.mkdtemp())  # where the unprivileged kernel can read the installed wheel, as on Gradescope
+    site = Path(tempfile.mkdtemp())  # the installed wheel, on the sandboxed kernel's PYTHONPATH, as on Gradescope
     site.chmod(0o755)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, source / names[0]],
                    check=True, timeout=300)
