@@ -1,6 +1,6 @@
 """The course assignments: marker stripping, build --check, the checks (each fails a plausible wrong answer and says
 why; library calls fail however they are bound), the student notebooks (every exercise not attempted), the grader
-(verdicts out of the notebook's reach: forged lines, patches, library calls, time limits, an unprivileged kernel,
+(verdicts out of the notebook's reach: forged lines, patches, library calls, time limits, a sandboxed kernel,
 pinning), Gradescope's results.json and autograder zip, and packaging.
 
 nbval runs every notebook under notebooks/assignments/ (solutions assert that all their checks pass).
@@ -16,11 +16,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import nbformat
 import pytest
+import tomllib
 import torch
 from IPython.core.inputtransformer2 import TransformerManager
 
@@ -527,21 +527,9 @@ def test_wrong_triton_kernel():
 # ------------------------------------------------------------------------------------------------------ grader
 
 
-def grader_user():
-    """nobody where this Python can run as nobody (or we are not root); else root, explicitly unprotected."""
-    from minina.assignments.grade import _can_run
-
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "nobody"
-    import pwd
-
-    entry = pwd.getpwnam("nobody")
-    return "nobody" if _can_run(Path(sys.executable), entry.pw_uid, entry.pw_gid) else "root"
-
-
 def grade_cli(*args, cwd, timeout=600):
-    result = subprocess.run([sys.executable, "-m", "minina", "assignments", "grade", *map(str, args),
-                             "--user", grader_user()], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    result = subprocess.run([sys.executable, "-m", "minina", "assignments", "grade", *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -719,9 +707,7 @@ def test_notebook_time_limit_kills_the_kernel(tmp_path):
                in row["message"] for row in rows), rows
 
 
-@pytest.mark.skipif(grader_user() != "nobody" or not hasattr(os, "geteuid") or os.geteuid() != 0,
-                    reason="needs root and a Python the user nobody can run")
-def test_an_unprivileged_kernel_cannot_forge_the_output_or_kill_the_grader(tmp_path):
+def test_a_sandboxed_kernel_cannot_forge_the_output_or_kill_the_grader(tmp_path):
     a1 = ASSIGNMENTS["A1"][0] + ".ipynb"
     attack = ("import os, signal, json\n"
               "arguments = open(f'/proc/{os.getppid()}/cmdline').read().split('\\0')\n"
@@ -764,7 +750,7 @@ def test_grader_error_rows_for_unreadable_notebooks(tmp_path):
     from minina.assignments.grade import grade
     (tmp_path / "a2_neural_score.ipynb").write_text("{not json", encoding="utf-8")
     (tmp_path / "mystery.ipynb").write_text(render(nbformat.v4.new_notebook()), encoding="utf-8")
-    rows = grade([tmp_path], tmp_path / "grades.csv", user=grader_user())
+    rows = grade([tmp_path], tmp_path / "grades.csv")
     a2 = [row for row in rows if row["assignment"] == "A2"]
     assert len(a2) == 4 and {row["status"] for row in a2} == {"error"} and "readable" in a2[0]["message"]
     assert [row["status"] for row in rows if "mystery" in row["notebook"]] == ["error"]
@@ -815,7 +801,7 @@ def test_gradescope_autograder_zip_end_to_end(tmp_path):
     assert names[:1] == ["minina-" + minina.__version__ + "-py3-none-any.whl"]
     assert names[1:] == ["private_checks.py", "run_autograder", "setup.sh"]
     assert "--assignment A1 --seed 3 --timeout 30" in (source / "run_autograder").read_text()
-    site = Path(tempfile.mkdtemp())  # where the unprivileged kernel can read the installed wheel, as on Gradescope
+    site = Path(tempfile.mkdtemp())  # the installed wheel, on the sandboxed kernel's PYTHONPATH, as on Gradescope
     site.chmod(0o755)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, source / names[0]],
                    check=True, timeout=300)
@@ -823,7 +809,7 @@ def test_gradescope_autograder_zip_end_to_end(tmp_path):
     submissions = {"solution": {a1: FOLDER / "solutions" / a1},
                    "duplicates": {a1: FOLDER / a1, "a1 (1).ipynb": FOLDER / "solutions" / a1},
                    "renamed": {a4: FOLDER / "solutions" / a4}, "empty": {}}
-    env = dict(os.environ, PYTHONPATH=str(site), MININA_GRADER_USER=grader_user(),
+    env = dict(os.environ, PYTHONPATH=str(site),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     results = {}
     for kind, files in submissions.items():
@@ -907,18 +893,15 @@ def test_solutions_pass_on_other_seeds(assignment):
 
 
 def test_kernel_environment_is_private_and_does_not_compile(tmp_path, monkeypatch):
-    """The kernel writes only into its folder, and compiles nothing unless the grader's environment asks for it."""
-    from minina.assignments.grade import _kernel_env
+    """The kernel writes only into its folder, compiles nothing unless the grader's environment asks for it, and
+    gets none of the grader's other variables."""
+    from minina.assignments.sandbox import kernel_environment
 
     monkeypatch.delenv("MININA_COMPILE", raising=False)
-    env = _kernel_env(tmp_path)
-    assert env["MININA_COMPILE"] == "0"
+    monkeypatch.setenv("MININA_GRADER_SECRET", "42")
+    env = kernel_environment(tmp_path)
+    assert env["MININA_COMPILE"] == "0" and "MININA_GRADER_SECRET" not in env and env["USER"] == "nobody"
     for name in ("HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR"):
         assert Path(env[name]).is_relative_to(tmp_path), name
     monkeypatch.setenv("MININA_COMPILE", "1")
-    assert _kernel_env(tmp_path)["MININA_COMPILE"] == "1"
-    if hasattr(os, "geteuid"):
-        import pwd
-
-        nobody = pwd.getpwnam("nobody")
-        assert _kernel_env(tmp_path, (nobody.pw_uid, nobody.pw_gid))["USER"] == "nobody"
+    assert kernel_environment(tmp_path)["MININA_COMPILE"] == "1"

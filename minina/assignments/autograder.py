@@ -21,20 +21,24 @@ cd "$(dirname "$0")"
 if ! command -v pip3 >/dev/null; then
     apt-get update && apt-get install -y python3 python3-pip
 fi
+# bubblewrap: the notebooks' sandbox (where it cannot start, run_autograder grades without it)
+command -v bwrap >/dev/null || (apt-get update && apt-get install -y bubblewrap) || true
 # CPU wheels of torch (the checks need no GPU); the bundled minina wheel is the grading code of this term.
 pip3 install --extra-index-url https://download.pytorch.org/whl/cpu ./{wheel} nbformat nbclient ipykernel
 """
 
 RUN = """#!/usr/bin/env bash
 # Gradescope runs this for every submission. AUTOGRADER_ROOT (default /autograder) holds source/, submission/ and
-# results/; MININA_GRADER_USER (default nobody) is the unprivileged user the notebook runs as when this runs as root.
+# results/. The notebook runs in minina's sandbox (bubblewrap, installed by setup.sh) where it starts; where
+# Gradescope's container blocks it (no user namespaces), --unsafe grades without it: Gradescope's own container,
+# discarded after this one submission, still keeps submissions apart, but not the notebook from this grader.
 set -uo pipefail
 ROOT="${{AUTOGRADER_ROOT:-/autograder}}"
 chmod -R go-rwx "$ROOT/source" 2>/dev/null || true  # the private checks are the grader's alone
 mkdir -p "$ROOT/results"
 python3 -m minina assignments grade "$ROOT/submission" --assignment {assignment} --seed {seed} --timeout {timeout} \\
-    --notebook-timeout {notebook_timeout} --format gradescope --visibility {visibility} \\
-    --user "${{MININA_GRADER_USER:-nobody}}" --out "$ROOT/results/results.json"{extra}
+    --notebook-timeout {notebook_timeout} --memory {memory} --format gradescope --visibility {visibility} \\
+    --unsafe --out "$ROOT/results/results.json"{extra}
 """
 
 
@@ -64,7 +68,7 @@ def build_wheel(folder):
 
 
 def build_autograder(assignment, out, seed=0, timeout=300, notebook_timeout=None, visibility="visible",
-                     extra_checks=None):
+                     extra_checks=None, memory=8):
     """Write Gradescope's autograder zip for assignment to out; returns its path."""
     if assignment not in ASSIGNMENTS:
         raise FileNotFoundError(f"unknown assignment {assignment!r}; known: {', '.join(ASSIGNMENTS)}")
@@ -72,7 +76,7 @@ def build_autograder(assignment, out, seed=0, timeout=300, notebook_timeout=None
         raise FileNotFoundError(f"--extra-checks: no file {extra_checks}")
     extra = ' \\\n    --extra-checks "$ROOT/source/private_checks.py"' if extra_checks else ""
     run = RUN.format(assignment=assignment, seed=int(seed), timeout=f"{timeout:g}", visibility=shlex.quote(visibility),
-                     notebook_timeout=f"{notebook_timeout or 4 * timeout:g}", extra=extra)
+                     notebook_timeout=f"{notebook_timeout or 4 * timeout:g}", memory=f"{memory:g}", extra=extra)
     with tempfile.TemporaryDirectory() as folder:
         wheel = build_wheel(folder)
         with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:

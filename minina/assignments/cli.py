@@ -36,8 +36,11 @@ def add_grading_arguments(parser, pin=True):
     if pin:
         parser.add_argument("--assignment", default=None,
                             help="grade every submission as this assignment (e.g. A4), whatever the notebook says")
-        parser.add_argument("--user", default="nobody",
-                            help="when run as root, the unprivileged user the kernels run as (default nobody)")
+        parser.add_argument("--unsafe", action="store_true",
+                            help="where no sandbox starts (no bubblewrap, user namespaces blocked, not Linux), grade "
+                                 "without one instead of refusing, with a warning")
+    parser.add_argument("--memory", type=float, default=8,
+                        help="GiB of address space each process of a notebook's kernel may map (default 8)")
     parser.add_argument("--visibility", default="visible",
                         choices=("visible", "hidden", "after_due_date", "after_published"),
                         help="Gradescope visibility of the tests (default visible)")
@@ -63,8 +66,8 @@ def main(args):
             sys.exit(1)
         print("student notebooks are up to date" if args.check else f"student notebooks written to {args.dir}")
         return
-    if args.timeout <= 0 or (args.notebook_timeout is not None and args.notebook_timeout <= 0):
-        sys.exit("error: --timeout and --notebook-timeout must be > 0")
+    if args.timeout <= 0 or (args.notebook_timeout is not None and args.notebook_timeout <= 0) or args.memory <= 0:
+        sys.exit("error: --timeout, --notebook-timeout and --memory must be > 0")
     from .exercises import ASSIGNMENTS
 
     if args.assignment is not None and args.assignment not in ASSIGNMENTS:
@@ -75,14 +78,14 @@ def main(args):
         try:
             path = build_autograder(args.assignment, args.out, seed=args.seed, timeout=args.timeout,
                                     notebook_timeout=args.notebook_timeout, visibility=args.visibility,
-                                    extra_checks=args.extra_checks)
+                                    extra_checks=args.extra_checks, memory=args.memory)
         except (FileNotFoundError, RuntimeError) as error:
             sys.exit(f"error: {error}")
         print(f"Gradescope autograder for {args.assignment} written to {path}")
         return
     try:
         grade(args.paths, args.out, seed=args.seed, timeout=args.timeout, format=args.format,
-              assignment=args.assignment, notebook_timeout=args.notebook_timeout, user=args.user,
-              visibility=args.visibility, extra_checks=args.extra_checks)
+              assignment=args.assignment, notebook_timeout=args.notebook_timeout, visibility=args.visibility,
+              extra_checks=args.extra_checks, unsafe=args.unsafe, memory=int(args.memory * (1 << 30)))
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")

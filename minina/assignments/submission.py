@@ -31,20 +31,33 @@ def notebook_paths(path):
     return [path] if path.is_file() else []
 
 
+def metadata_problem(notebook):
+    """What is wrong with a notebook's minina metadata (it should be {"assignment": "A1"} or absent), or ""."""
+    metadata = notebook.get("metadata") if isinstance(notebook, dict) else None
+    if not isinstance(metadata, dict):
+        return f"its metadata is a {type(metadata).__name__}, not a dict: ignored"
+    declared = metadata.get("minina", {})
+    if not isinstance(declared, dict):
+        return f'its metadata "minina" is a {type(declared).__name__}, not a dict like {{"assignment": "A1"}}: ignored'
+    if not isinstance(declared.get("assignment", ""), str):
+        return f'its metadata "minina.assignment" is a {type(declared["assignment"]).__name__}, not a str: ignored'
+    return ""
+
+
 def assignment_of(path, notebook=None):
     """The assignment id ("A1") of a notebook: its metadata, else its file name, else its check() calls."""
-    if notebook is not None:
+    if notebook is not None and not metadata_problem(notebook):
         declared = notebook.metadata.get("minina", {}).get("assignment")
         if declared in ASSIGNMENTS:
             return declared
     for assignment, (name, _) in ASSIGNMENTS.items():
         if Path(path).stem == name or Path(path).stem.startswith(name.split("_")[0] + "_"):
             return assignment
-    if notebook is not None:
-        for cell in notebook.cells:
-            found = _ASSIGNMENT_ID.findall(cell.source) if cell.cell_type == "code" else []
-            if found and found[0] in ASSIGNMENTS:
-                return found[0]
+    for cell in notebook.get("cells", []) if isinstance(notebook, dict) else []:
+        source = cell.get("source") if isinstance(cell, dict) and cell.get("cell_type") == "code" else None
+        found = _ASSIGNMENT_ID.findall(source) if isinstance(source, str) else []
+        if found and found[0] in ASSIGNMENTS:
+            return found[0]
     return None
 
 
@@ -61,14 +74,17 @@ def plan(paths, pinned=None):
     for path in map(Path, paths):
         candidates = {}  # assignment -> [(rank, path, note)]
         for notebook_path in notebook_paths(path):
-            detected = assignment_of(notebook_path, _read(notebook_path))
+            notebook = _read(notebook_path)
+            problem = metadata_problem(notebook) if notebook is not None else ""
+            detected = assignment_of(notebook_path, notebook)
             assignment = pinned or detected
             if assignment is None:
-                unknown.append((notebook_path, "could not tell which assignment this notebook is (name it like the "
-                                               "handed-out notebook, or keep its check() calls)"))
+                unknown.append((notebook_path, "; ".join(m for m in (problem, (
+                    "could not tell which assignment this notebook is (name it like the handed-out notebook, or keep "
+                    "its check() calls)")) if m)))
                 continue
-            note = (f"this notebook says it is {detected}, graded as {pinned}" if pinned and detected
-                    and detected != pinned else "")
+            note = "; ".join(m for m in (problem, f"this notebook says it is {detected}, graded as {pinned}"
+                                         if pinned and detected and detected != pinned else "") if m)
             rank = (notebook_path.stem != ASSIGNMENTS[assignment][0], detected != assignment, notebook_path.name)
             candidates.setdefault(assignment, []).append((rank, notebook_path, note))
         for assignment, found in candidates.items():
