@@ -10,3 +10,13 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """Skip a test that grades in the sandbox where none starts (macOS, Windows, no bubblewrap); CI installs it."""
+    from minina.assignments.sandbox import interpreter_paths, sandbox_available
+
+    available, reason = sandbox_available(interpreter_paths())
+    if not available:
+        pytest.skip(f"the grader's sandbox does not start here: {reason}")

@@ -613,7 +613,7 @@ LIBRARY = {  # assignment -> a cell that solves its central exercises with one l
 
 
 @pytest.fixture(scope="module")
-def graded(tmp_path_factory):
+def graded(tmp_path_factory, sandbox):
     """One grader run (seed 7, 8 s limits) over submissions of every kind; rows by submission folder."""
     tmp = tmp_path_factory.mktemp("grader")
     a1 = ASSIGNMENTS["A1"][0] + ".ipynb"
@@ -697,7 +697,7 @@ def test_a_kernel_that_ignores_interrupts_is_stopped(graded):
     assert graded[3] < 150  # one stuck cell costs its limit and the interrupt's grace, not every later cell's
 
 
-def test_notebook_time_limit_kills_the_kernel(tmp_path):
+def test_notebook_time_limit_kills_the_kernel(tmp_path, sandbox):
     a1 = ASSIGNMENTS["A1"][0] + ".ipynb"
     nbformat.write(with_cells(FOLDER / "solutions" / a1, *["import time\ntime.sleep(3)"] * 4, at=3), tmp_path / a1)
     grade_cli(tmp_path, "--out", tmp_path / "grades.csv", "--timeout", 5, "--notebook-timeout", 8, cwd=tmp_path)
@@ -707,7 +707,7 @@ def test_notebook_time_limit_kills_the_kernel(tmp_path):
                in row["message"] for row in rows), rows
 
 
-def test_a_sandboxed_kernel_cannot_forge_the_output_or_kill_the_grader(tmp_path):
+def test_a_sandboxed_kernel_cannot_forge_the_output_or_kill_the_grader(tmp_path, sandbox):
     a1 = ASSIGNMENTS["A1"][0] + ".ipynb"
     attack = ("import os, signal, json\n"
               "arguments = open(f'/proc/{os.getppid()}/cmdline').read().split('\\0')\n"

@@ -50,7 +50,7 @@ def rows_of(out):
     return {row["exercise"]: row for row in csv.DictReader(Path(out).open(encoding="utf-8"))}
 
 
-def test_solutions_and_the_graders_secrets_are_out_of_reach(tmp_path):
+def test_solutions_and_the_graders_secrets_are_out_of_reach(tmp_path, sandbox):
     """A notebook that execs the solutions beside an editable install, and looks for the grader's seed and
     environment in its own environment, every /proc it can see and the files it can list, finds nothing."""
     solutions = Path(minina.__file__).resolve().parents[1] / "notebooks" / "assignments" / "solutions"
@@ -88,7 +88,7 @@ def test_solutions_and_the_graders_secrets_are_out_of_reach(tmp_path):
     assert thief["A1.attention"]["status"] == "not attempted"
 
 
-def test_no_process_outlives_its_notebook(tmp_path):
+def test_no_process_outlives_its_notebook(tmp_path, sandbox):
     """Processes a notebook detaches (a new session, a double fork) die with its sandbox."""
     token = f"minina-detached-{os.getpid()}-{time.time_ns()}"
     detach = ("import os, subprocess, sys\n"
@@ -119,7 +119,7 @@ def test_no_process_outlives_its_notebook(tmp_path):
 
 
 @pytest.mark.parametrize("pinned", [False, True])
-def test_malformed_metadata_keeps_the_batch(tmp_path, pinned):
+def test_malformed_metadata_keeps_the_batch(tmp_path, pinned, sandbox):
     """{"minina": "A1"} and other wrong types: that notebook's rows say so; every other notebook is graded."""
     for kind, metadata in (("string", "A1"), ("list", ["A1"]), ("number", {"assignment": 1})):
         path = submit(tmp_path / kind, HONEST_PADDING)
@@ -138,7 +138,7 @@ def test_malformed_metadata_keeps_the_batch(tmp_path, pinned):
         assert all(words in row["message"] for row in mine.values()) if words else True, mine
 
 
-def test_a_reply_the_checks_cannot_compare_fails_only_its_exercise(tmp_path):
+def test_a_reply_the_checks_cannot_compare_fails_only_its_exercise(tmp_path, sandbox):
     """A meta tensor, or an object whose comparison raises, fails its exercise; the notebook's other rows stay."""
     meta = ("def masked_softmax(logits):\n"
             "    return torch.empty(logits.shape, dtype=logits.dtype, device='meta')\n"
@@ -176,7 +176,7 @@ def test_replies_are_bounded_before_anything_is_built():
         decode(base64.b64encode(buffer.getvalue()).decode(), "a test")
 
 
-def test_a_flood_of_output_is_cut_and_noted(tmp_path):
+def test_a_flood_of_output_is_cut_and_noted(tmp_path, sandbox):
     """A cell printing 100 MB keeps the first OUTPUT_LIMIT characters, the rows say so, the grade stands."""
     flood = "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\n"
     submit(tmp_path / "flood", flood, HONEST_PADDING)
@@ -187,7 +187,7 @@ def test_a_flood_of_output_is_cut_and_noted(tmp_path):
     assert all(f"the output of cell {cell} was cut at" in row["message"] for row in rows.values()), rows
 
 
-def test_memory_is_bounded_per_notebook(tmp_path):
+def test_memory_is_bounded_per_notebook(tmp_path, sandbox):
     """A notebook cannot map more than --memory GiB: the allocation fails in the kernel, the grader goes on."""
     hog = ("try:\n"
            "    hog = torch.empty(6 << 30, dtype=torch.uint8)\n"
@@ -216,7 +216,7 @@ def test_without_a_sandbox_grading_refuses_unless_unsafe(tmp_path):
     assert rows_of(tmp_path / "grades.csv")["A1.padding_mask"]["status"] == "passed"
 
 
-def test_the_readme_grading_command_gives_the_solutions_full_marks(tmp_path):
+def test_the_readme_grading_command_gives_the_solutions_full_marks(tmp_path, sandbox):
     """README: `python -m minina assignments grade notebooks/assignments/solutions --out x.csv`, as whoever runs
     the tests (root in CI, with Python under /root where pyenv puts it)."""
     result = subprocess.run([sys.executable, "-m", "minina", "assignments", "grade", "notebooks/assignments/solutions",
@@ -229,7 +229,7 @@ def test_the_readme_grading_command_gives_the_solutions_full_marks(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not all(
     map(shutil.which, ("unshare", "setpriv", "mount"))), reason="switches to the user nobody: needs root")
-def test_grading_as_a_normal_user(tmp_path):
+def test_grading_as_a_normal_user(tmp_path, sandbox):
     """The grader run by an unprivileged user (nobody) sandboxes its notebooks too and gives a solution full marks.
 
     This Python may live under /root (pyenv, a CI venv), closed to other users: in a private mount namespace /root
