@@ -261,3 +261,18 @@ def test_grading_as_a_normal_user(tmp_path, sandbox):
     finally:
         shutil.rmtree(out, ignore_errors=True)
     assert len(rows) == 3 and all(row["status"] == "passed" for row in rows), rows
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+def test_folders_under_tmp_stay_visible():
+    # the sandbox's own empty /tmp must not hide what it shows from /tmp (a venv or a checkout cloned there, as CI's)
+    from minina.assignments.sandbox import sandbox_command
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as shown, tempfile.TemporaryDirectory(dir="/tmp") as private:
+        (Path(shown) / "python.txt").write_text("interpreter here")
+        result = subprocess.run(sandbox_command(private, [shown]) + ["/bin/cat", f"{shown}/python.txt"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and result.stdout == "interpreter here", result.stderr
+        leak = subprocess.run(sandbox_command(private, [shown]) + ["/bin/ls", "/tmp"], capture_output=True, text=True,
+                              timeout=60)
+        assert sorted(leak.stdout.split()) == sorted([Path(shown).name, Path(private).name]), leak.stdout

@@ -72,7 +72,7 @@ def sandbox_command(folder, paths, hidden=(), memory=None):
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise FileNotFoundError("bwrap not found")
-    command = [bwrap, *FLAGS]
+    command = [bwrap, *FLAGS, "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # first: binds below go on top
     for name in TOP:
         path = Path("/") / name
         if path.is_symlink():
@@ -87,8 +87,7 @@ def sandbox_command(folder, paths, hidden=(), memory=None):
         command += ["--ro-bind", str(path), str(path)]
     for path in map(Path.resolve, map(Path, hidden)):  # only those a shown folder holds need hiding
         command += ["--ro-bind", "/dev/null", str(path)] if any(path.is_relative_to(p) for p in shown) else []
-    command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(folder), str(folder),
-                "--chdir", str(folder)]
+    command += ["--bind", str(folder), str(folder), "--chdir", str(folder)]
     for name, value in kernel_environment(folder).items():
         command += ["--setenv", name, value]
     return memory_limit(memory) + command + ["--"]
