@@ -50,7 +50,16 @@ def rows_of(out):
     return {row["exercise"]: row for row in csv.DictReader(Path(out).open(encoding="utf-8"))}
 
 
-def test_solutions_and_the_graders_secrets_are_out_of_reach(tmp_path, sandbox):
+def without_source_rule(monkeypatch):
+    """Grade in this process with the source rule off, so that a test sees what the sandbox alone stops (the rule
+    fails these notebooks' exercises for their exec, subprocess and fork before any check runs)."""
+    from minina.assignments import grade as grading
+
+    monkeypatch.setattr(grading, "_violations", lambda sources, spec: [])
+    return grading.grade
+
+
+def test_solutions_and_the_graders_secrets_are_out_of_reach(tmp_path, sandbox, monkeypatch):
     """A notebook that execs the solutions beside an editable install, and looks for the grader's seed and
     environment in its own environment, every /proc it can see and the files it can list, finds nothing."""
     solutions = Path(minina.__file__).resolve().parents[1] / "notebooks" / "assignments" / "solutions"
@@ -78,9 +87,8 @@ def test_solutions_and_the_graders_secrets_are_out_of_reach(tmp_path, sandbox):
             "    return _honest(lengths, max_len)\n")
     submit(tmp_path / "other", HONEST_PADDING)
     submit(tmp_path / "thief", steal, HONEST_PADDING, gate)
-    env = dict(os.environ, MININA_GRADER_SECRET="1")
-    grade_cli(tmp_path / "thief", tmp_path / "other", "--out", tmp_path / "grades.csv", "--seed", 918273645,
-              cwd=tmp_path, env=env)
+    monkeypatch.setenv("MININA_GRADER_SECRET", "1")
+    without_source_rule(monkeypatch)([tmp_path / "thief", tmp_path / "other"], tmp_path / "grades.csv", seed=918273645)
     rows = list(csv.DictReader((tmp_path / "grades.csv").open(encoding="utf-8")))
     thief = {row["exercise"]: row for row in rows if "/thief/" in row["notebook"]}
     assert thief["A1.padding_mask"]["status"] == "passed", thief["A1.padding_mask"]  # nothing found
@@ -88,7 +96,7 @@ def test_solutions_and_the_graders_secrets_are_out_of_reach(tmp_path, sandbox):
     assert thief["A1.attention"]["status"] == "not attempted"
 
 
-def test_no_process_outlives_its_notebook(tmp_path, sandbox):
+def test_no_process_outlives_its_notebook(tmp_path, sandbox, monkeypatch):
     """Processes a notebook detaches (a new session, a double fork) die with its sandbox."""
     token = f"minina-detached-{os.getpid()}-{time.time_ns()}"
     detach = ("import os, subprocess, sys\n"
@@ -103,7 +111,7 @@ def test_no_process_outlives_its_notebook(tmp_path, sandbox):
               f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(900)', {token!r}])\n"
               "    os._exit(0)\n")
     submit(tmp_path / "detach", detach, HONEST_PADDING)
-    grade_cli(tmp_path / "detach", "--out", tmp_path / "grades.csv", cwd=tmp_path)
+    without_source_rule(monkeypatch)([tmp_path / "detach"], tmp_path / "grades.csv")
     time.sleep(1)
     survivors = []
     for path in Path("/proc").glob("[0-9]*/cmdline"):
@@ -268,11 +276,22 @@ def test_folders_under_tmp_stay_visible():
     # the sandbox's own empty /tmp must not hide what it shows from /tmp (a venv or a checkout cloned there, as CI's)
     from minina.assignments.sandbox import sandbox_command
 
-    with tempfile.TemporaryDirectory(dir="/tmp") as shown, tempfile.TemporaryDirectory(dir="/tmp") as private:
+    with tempfile.TemporaryDirectory(dir="/tmp") as shown, tempfile.TemporaryDirectory(dir="/tmp") as private, \
+            tempfile.TemporaryDirectory(dir="/tmp") as unshown:
         (Path(shown) / "python.txt").write_text("interpreter here")
         result = subprocess.run(sandbox_command(private, [shown]) + ["/bin/cat", f"{shown}/python.txt"],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and result.stdout == "interpreter here", result.stderr
-        leak = subprocess.run(sandbox_command(private, [shown]) + ["/bin/ls", "/tmp"], capture_output=True, text=True,
-                              timeout=60)
-        assert sorted(leak.stdout.split()) == sorted([Path(shown).name, Path(private).name]), leak.stdout
+        listing = subprocess.run(sandbox_command(private, [shown]) + ["/bin/ls", "/tmp"], capture_output=True,
+                                 text=True, timeout=60).stdout.split()
+        assert Path(shown).name in listing and Path(private).name in listing and Path(unshown).name not in listing
+
+
+def test_data_behind_a_link_reaches_the_kernel(tmp_path, monkeypatch):
+    # the sandbox shows folders by their real path, so the kernel's MININA_DATA must name that path, not the link
+    from minina.assignments.sandbox import kernel_environment
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.setenv("MININA_DATA", str(tmp_path / "link"))
+    assert kernel_environment(tmp_path / "kernel")["MININA_DATA"] == str((tmp_path / "data").resolve())

@@ -46,6 +46,9 @@ def kernel_environment(folder):
                TRITON_CACHE_DIR=str(folder / ".triton"), TORCHINDUCTOR_CACHE_DIR=str(folder / ".inductor"),
                JUPYTER_RUNTIME_DIR=str(folder / ".jupyter"), JPY_PARENT_PID="1")  # 1: no console banner
     env.update({name: os.environ[name] for name in PASSED_ON if os.environ.get(name)})
+    for name in ("PYTHONPATH", "MININA_DATA"):  # by real path: a link to the folder shown is not in the sandbox
+        if name in env:
+            env[name] = os.pathsep.join(os.path.realpath(part) for part in env[name].split(os.pathsep) if part)
     return env
 
 
