@@ -7,7 +7,7 @@ import re
 import minina
 
 PACKAGE = pathlib.Path(minina.__file__).parent
-CORE = ("activations", "masks", "scores", "attention", "chunked", "compiled", "triton_kernels", "modules", "models")
+CORE = ("activations", "masks", "scores", "tiles", "attention", "chunked", "triton_kernels", "modules", "models")
 TOOLS = ("minina.tools", "minina.assignments")
 
 

@@ -138,3 +138,33 @@ def test_check_runs_the_self_test_shipped_in_the_package(monkeypatch, tmp_path, 
     assert "  1 passed, 1 failed" in capsys.readouterr().out
     monkeypatch.setattr(triton_check, "gpu_checks", lambda device: [("sound", lambda: None)])
     assert bench.run_self_test("cpu", tmp_path)
+
+
+def test_backends_take_turns_in_one_process(monkeypatch):
+    """measure_alternating warms every backend up, then runs them in turn, round after round."""
+    calls = []
+    for name in ("sdpa", "chunked"):
+        attention = bench.CONTENDERS[name][0]
+        monkeypatch.setitem(bench.CONTENDERS, name, (lambda *args, name=name, f=attention: calls.append(name) or
+                                                     f(*args), ("cpu",)))
+    figures = bench.measure_alternating(["sdpa", "chunked"], 32, heads=2, repeats=3, threads=1)
+    assert calls == ["sdpa", "chunked"] + ["sdpa", "chunked"] * 3  # the warm-ups, then three rounds
+    for name in ("sdpa", "chunked"):
+        assert len(figures[name]["rounds"]) == 3
+        assert figures[name]["time_s"] == pytest.approx(sorted(figures[name]["rounds"])[1])
+
+
+def test_rounds_and_one_process_rows():
+    fresh = bench.benchmark(ns=[32], backends=["sdpa", "chunked"], heads=2, repeats=1, threads=1, rounds=2,
+                            progress=None)
+    assert [(row["backend"], row["rounds"], row["method"]) for row in fresh] == [
+        ("sdpa", 2, "a fresh process per case"), ("chunked", 2, "a fresh process per case")]
+    assert fresh[0]["time_vs_sdpa"] == 1.0 and fresh[1]["peak_mib"] is not None
+    same = bench.benchmark(ns=[32], backends=["sdpa", "chunked"], heads=2, repeats=3, threads=1, same_process=True,
+                           progress=None)
+    assert [(row["backend"], row["rounds"]) for row in same] == [("sdpa", 3), ("chunked", 3)]
+    assert all(row["peak_mib"] is None and row["memory_vs_sdpa"] is None for row in same)
+    assert same[0]["time_vs_sdpa"] == 1.0 and same[1]["time_vs_sdpa"] > 0
+    assert "| chunked | 32 |" in bench.timing_table(same)
+    with pytest.raises(ValueError, match="rounds must be a positive int"):
+        bench.benchmark(ns=[32], rounds=0)

@@ -7,7 +7,7 @@ import statistics
 
 import torch
 
-from ..attention import dot_product_attention, reference_neural_attention
+from ..attention import dot_product_attention, neural_attention
 from ..masks import attention_bias, masked_softmax as reference_masked_softmax
 from ..scores import NeuralScore
 from .checks import TOLERANCES, CheckFailed, NotAttempted, call, compare, compare_gradients, diagnose, exercise, random_tensor
@@ -366,7 +366,8 @@ def _reference_with_logsumexp(q, k, v, score, is_causal):
     logits = score.logits(q, k)  # (B, H, L, S)
     bias = attention_bias(None, is_causal, q.shape[-2], k.shape[-2], logits.dtype, logits.device)
     logits = logits if bias is None else logits + bias
-    return reference_neural_attention(q, k, v, score, is_causal=is_causal), torch.logsumexp(logits, dim=-1)
+    out = neural_attention(q, k, v, score, is_causal=is_causal, backend="reference")  # (B, H, L, Ev)
+    return out, torch.logsumexp(logits, dim=-1)
 
 
 def _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok, rescale_hint, variants):

@@ -62,7 +62,7 @@ def triton_grads(q, k, v, score, attn_mask, is_causal, d_out, **launch):
     from ..triton_kernels import triton_neural_attention
 
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = triton_neural_attention(*leaves, score, attn_mask, is_causal, **launch)
+    out = triton_neural_attention(*leaves, score, attn_mask, is_causal=is_causal, **launch)
     return [out, *torch.autograd.grad(out, [*leaves, *score.parameters()], d_out)]
 
 
