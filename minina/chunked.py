@@ -166,7 +166,7 @@ class ChunkedNeuralAttention(torch.autograd.Function):
             acc = torch.zeros(*shape, v.shape[-1], dtype=out.dtype, device=v.device)  # (..., bl, Ev)
             for j in tiles.key_blocks(i):
                 row_max, row_sum, acc = _run(compiled, "forward", step, *tiles.args(i, j), row_max, row_sum, acc,
-                                             widths=widths, activation=activation)
+                                             widths=widths, activation=activation, padded=compiled)
             has_keys = row_sum > 0  # a row with every key masked outputs zeros
             out_rows.copy_(_crop(acc / torch.where(has_keys, row_sum, 1.0).unsqueeze(-1), out_rows))
             lse_rows = _part(logsumexp, {-1: tiles.rows(i)})
@@ -196,7 +196,7 @@ class ChunkedNeuralAttention(torch.autograd.Function):
                          _padded(safe_lse, {-1: rows}, math.inf) if compiled else _part(safe_lse, {-1: rows}))
             for j in tiles.key_blocks(i):  # padded rows: dO = 0, D = 0, P = 0
                 tile_grads = _run(compiled, "backward", step, *tiles.args(i, j), *row_tiles, widths=widths,
-                                  activation=activation, mask_grad=mask_grad)
+                                  activation=activation, padded=compiled, mask_grad=mask_grad)
                 cols = tiles.cols(j)
                 blocks = ({-1: rows}, {-1: cols}, {-2: cols}, {}, mask_grad and tiles.mask_blocks(i, j),
                           {-2: rows}, {-2: cols})  # where each tile gradient adds to

@@ -74,38 +74,51 @@ def _layers(weights, widths):
     return layers
 
 
-def tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation):
-    """Scores of one tile, unrolled: A (h1, ..., bl), Bk (h1, ..., bs) -> (..., bl, bs) and every layer's
-    pre-activations (a list per layer of one (..., bl, bs) tensor per unit). Masked and padded pairs get -inf.
+def _weighted_sum(weights, inputs, bias=None):
+    """bias + sum_u weights[u] * inputs[u] over (..., bl, bs) tensors and scalar weights, one fused multiply-add
+    per input."""
+    out = inputs[0] * weights[0] if bias is None else torch.addcmul(bias, inputs[0], weights[0])
+    for weight, x in zip(weights[1:], inputs[1:]):
+        out = torch.addcmul(out, x, weight)
+    return out
+
+
+def tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation, padded):
+    """Scores of one tile, unrolled: A (h1, ..., bl), Bk (h1, ..., bs) -> (..., bl, bs) and, per hidden layer, its
+    pre-activations and activations (lists of one (..., bl, bs) tensor per unit). Masked and padded pairs get -inf.
 
     offsets: a tensor (first query row, first key, S, is_causal), so that neither positions nor causality change
-    the computation's shape; mask: the tile's (..., bl|1, bs|1) block or None.
+    the computation; mask: the tile's (..., bl|1, bs|1) block or None; padded: whether the tile may reach past S
+    (compiled tiles, then always masked by position) or is cut exactly (eager tiles, masked only on the diagonal).
     """
     act = ACTIVATIONS[activation].function
     pre = [A[unit].unsqueeze(-1) + Bk[unit].unsqueeze(-2) for unit in range(widths[0])]  # A_i + Bk_j per unit
-    pre_activations = [pre]
+    layers = []
     for weight, bias in _layers(weights, widths):
         hidden = [act(x) for x in pre]
-        pre = [sum(weight[o, u] * hidden[u] for u in range(weight.shape[1])) + bias[o] for o in range(weight.shape[0])]
-        pre_activations.append(pre)
+        layers.append((pre, hidden))
+        pre = [_weighted_sum(weight[o], hidden, bias[o]) for o in range(weight.shape[0])]  # W h + b, per unit
     logits = pre[0]  # (..., bl, bs)
     if q_residual is not None:
         logits = logits + q_residual @ k_residual.transpose(-2, -1)  # + q_i . k_j / sqrt(E)
-    rows = offsets[0] + torch.arange(logits.shape[-2], device=logits.device)  # (bl,) query positions
-    cols = offsets[1] + torch.arange(logits.shape[-1], device=logits.device)  # (bs,) key positions
-    keep = (cols < offsets[2]).expand(logits.shape[-2], -1)  # (bl, bs) real keys, not padding
-    keep = keep & ((cols <= rows.unsqueeze(-1)) | (offsets[3] == 0))  # causal: key j <= query i
-    if mask is not None and mask.dtype == torch.bool:
-        keep = keep & mask
-    elif mask is not None:
+    if mask is not None and mask.dtype != torch.bool:
         logits = logits + mask
-    return logits.masked_fill(~keep, -math.inf), pre_activations[:-1]
+    bl, bs = logits.shape[-2:]
+    if padded or (offsets[3] and offsets[1] + bs - 1 > offsets[0]):  # padding, or a tile crossing the diagonal
+        rows = offsets[0] + torch.arange(bl, device=logits.device)  # (bl,) query positions
+        cols = offsets[1] + torch.arange(bs, device=logits.device)  # (bs,) key positions
+        keep = (cols < offsets[2]).expand(bl, -1)  # (bl, bs) real keys, not padding
+        keep = keep & ((cols <= rows.unsqueeze(-1)) | (offsets[3] == 0))  # causal: key j <= query i
+        logits = logits.masked_fill(~(keep if mask is None or mask.dtype != torch.bool else keep & mask), -math.inf)
+    elif mask is not None and mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask, -math.inf)
+    return logits, layers
 
 
 def forward_tile(A, Bk, v, weights, offsets, mask, q_residual, k_residual, row_max, row_sum, acc, *, widths,
-                 activation):
+                 activation, padded):
     """One online-softmax step over a key block: (m_i, l_i, acc) -> updated, with v (..., bs, Ev)."""
-    logits, _ = tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation)
+    logits, _ = tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation, padded)
     new_max = torch.maximum(row_max, logits.amax(dim=-1))  # m_new = max(m_i, rowmax(S_ij))
     safe_max = torch.where(torch.isfinite(new_max), new_max, 0.0)  # a row masked so far stays at 0 weight
     rescale = torch.exp(row_max - safe_max)  # exp(m_i - m_new)
@@ -115,26 +128,25 @@ def forward_tile(A, Bk, v, weights, offsets, mask, q_residual, k_residual, row_m
     return new_max, row_sum, acc
 
 
-def _mlp_backward(grad_logits, pre_activations, weights, widths, activation):
+def _mlp_backward(grad_logits, layers, weights, widths, activation):
     """Back through the unrolled MLP: dS (..., bl, bs) -> flat weight gradients, dA (h1, ..., bl), dBk (h1, ..., bs)."""
-    _, act, act_grad = ACTIVATIONS[activation]
+    act_grad = ACTIVATIONS[activation].derivative
     grads, pieces = [grad_logits], []
-    for (weight, _), pre in zip(reversed(_layers(weights, widths)), reversed(pre_activations)):
+    for (weight, _), (pre, hidden) in zip(reversed(_layers(weights, widths)), reversed(layers)):
         fan_out, fan_in = weight.shape
-        hidden = [act(x) for x in pre]
         grad_weight = [(grads[o] * hidden[u]).sum() for o in range(fan_out) for u in range(fan_in)]  # dW = g h^T
         pieces = [torch.stack(grad_weight), torch.stack([g.sum() for g in grads])] + pieces  # db = sum g
-        grads = [sum(weight[o, u] * grads[o] for o in range(fan_out)) * act_grad(pre[u]) for u in range(fan_in)]
+        grads = [_weighted_sum(weight[:, u], grads) * act_grad(pre[u]) for u in range(fan_in)]  # W^T g * act'(pre)
     grad_A = torch.stack([g.sum(dim=-1) for g in grads])  # pre = A_i + Bk_j: dA_i = sum_j d(pre_ij)
     grad_Bk = torch.stack([g.sum(dim=-2) for g in grads])  # dBk_j = sum_i d(pre_ij)
     return torch.cat(pieces), grad_A, grad_Bk
 
 
 def backward_tile(A, Bk, v, weights, offsets, mask, q_residual, k_residual, grad_out, delta, logsumexp, *, widths,
-                  activation, mask_grad):
+                  activation, padded, mask_grad):
     """FlashAttention-2's backward for one tile: the gradients of A, Bk, v, the flat weights, the mask tile (or
     None) and the residual's q, k (or None) contributed by these pairs."""
-    logits, pre_activations = tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation)
+    logits, layers = tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation, padded)
     p = torch.exp(logits - logsumexp.unsqueeze(-1))  # P_ij = exp(S_ij - LSE_i)  (..., bl, bs)
     grad_v = p.transpose(-2, -1) @ grad_out  # dV_j = P_ij^T dO_i  (..., bs, Ev)
     grad_p = grad_out @ v.transpose(-2, -1)  # dP_ij = dO_i V_j^T  (..., bl, bs)
@@ -144,5 +156,5 @@ def backward_tile(A, Bk, v, weights, offsets, mask, q_residual, k_residual, grad
     if q_residual is not None:  # S_ij += q_i . k_j: dq_i = sum_j dS_ij k_j, dk_j = sum_i dS_ij q_i
         grad_q = grad_logits @ k_residual  # (..., bl, E)
         grad_k = grad_logits.transpose(-2, -1) @ q_residual  # (..., bs, E)
-    grad_weights, grad_A, grad_Bk = _mlp_backward(grad_logits, pre_activations, weights, widths, activation)
+    grad_weights, grad_A, grad_Bk = _mlp_backward(grad_logits, layers, weights, widths, activation)
     return grad_A, grad_Bk, grad_v, grad_weights, grad_mask, grad_q, grad_k

@@ -23,6 +23,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 REPOSITORY = re.search(r'^Repository\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"),
                        re.M).group(1)
 MAX_BYTES = 1_000_000
+TIMEOUT_S = 900  # one notebook's run here, several times its time at default settings
 
 
 def colab_link(name, repository=REPOSITORY):
@@ -80,7 +81,7 @@ def run_notebooks(paths, tmp_path, block_triton=False, seed=None):
     """Run the notebooks under nbval in a fresh pytest process; returns (exit code, output).
 
     block_triton: a sitecustomize.py on PYTHONPATH marks triton, and the Unix-only resource and fcntl, as absent
-    in every process, the kernel included, and MININA_COMPILE=0 turns the compiled backend off (sys.modules["triton"] = None makes `import triton` raise ImportError
+    in every process, the kernel included (sys.modules["triton"] = None makes `import triton` raise ImportError
     and find_spec return None).
     """
     env = dict(os.environ)
@@ -90,15 +91,20 @@ def run_notebooks(paths, tmp_path, block_triton=False, seed=None):
         (shim / "sitecustomize.py").write_text('import sys\nfor name in ("triton", "resource", "fcntl"):\n'
                                                '    sys.modules[name] = None  # as if not installed, or on Windows\n')
         env["PYTHONPATH"] = os.pathsep.join([str(shim), *filter(None, [env.get("PYTHONPATH")])])
-        # Without fcntl, torch.compile's file locks fall back to soft locks, which wait forever on the lock files
-        # that runs with fcntl leave behind; Windows has real locks instead. So compiling is off here, as on a
-        # machine without a C++ compiler: the notebooks must then say so and skip, which this run checks.
-        env["MININA_COMPILE"] = "0"
+        # Without fcntl, torch.compile's file locks are soft locks (a lock file exists = locked), which wait, up to
+        # torch's file-lock timeout, on the lock files that runs with fcntl leave in the shared temporary folder; on
+        # Windows every lock is the OS's own. So this run, like a Windows machine, has a temporary folder of its own.
+        (tmp_path / "tmp").mkdir()
+        env["TMPDIR"] = str(tmp_path / "tmp")
     if seed is not None:
         env["MININA_SEED"] = str(seed)
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "--nbval-lax",
-                             "--nbval-current-env", *map(str, paths)], cwd=ROOT, env=env, capture_output=True,
-                            text=True)
+    command = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "--nbval-lax",
+               "--nbval-current-env", *map(str, paths)]
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:  # a hang is a failure with what it printed, not a stuck CI
+        output = (expired.stdout or b"").decode(errors="replace")[-5000:]
+        return None, f"did not finish in {TIMEOUT_S} s:\n{output}"
     return result.returncode, result.stdout[-5000:] + result.stderr[-2000:]
 
 
