@@ -18,7 +18,7 @@ from .data import IMAGE_DATASETS, TEXT_DATASETS, lm_batches, lm_eval_batches, lo
 
 def model_options(config):
     """The keyword arguments both models take from a TrainConfig."""
-    return dict(dim=config.dim, depth=config.depth, heads=config.heads, attention=config.attention,
+    return dict(dim=config.dim, depth=config.depth, heads=config.heads, kind=config.attention,
                 dropout=config.dropout, backend=config.backend, proj_dim=config.proj_dim,
                 score_options=config.score_options)
 
