@@ -114,8 +114,8 @@ def _read_proc_status(field):
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
 
 
-def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_dim=64, proj_dim=2, causal=True,
-            repeats=3, threads=None, seed=0, pass_="fwd+bwd"):
+def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_dim=64, proj_dim=2,
+            is_causal=True, repeats=3, threads=None, seed=0, pass_="fwd+bwd"):
     """One case in this process: {"time_s", "peak_mib"} of one pass_ (see the module docstring)."""
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
@@ -137,9 +137,9 @@ def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_di
             leaf.grad = None
         if pass_ == "fwd":
             with torch.no_grad():
-                attention(q, k, v, score, causal)
+                attention(q, k, v, score, is_causal)
         else:
-            attention(q, k, v, score, causal).backward(grad_out)
+            attention(q, k, v, score, is_causal).backward(grad_out)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -173,7 +173,7 @@ def measure_in_fresh_process(**case):
 
 
 def benchmark(ns=(256, 512, 1024, 2048, 4096), device="cpu", dtype=torch.float32, backends=None, batch=1, heads=8,
-              head_dim=64, proj_dim=2, causal=True, repeats=3, threads=None, max_n=None, progress=print,
+              head_dim=64, proj_dim=2, is_causal=True, repeats=3, threads=None, max_n=None, progress=print,
               passes=("fwd+bwd",)):
     """Time and peak extra memory of one pass for each backend, pass and N; returns a list of dict rows.
 
@@ -195,7 +195,7 @@ def benchmark(ns=(256, 512, 1024, 2048, 4096), device="cpu", dtype=torch.float32
         raise ValueError(f"backends must be names from {sorted(CONTENDERS)}, got {unknown}")
     max_n = DEFAULT_MAX_N if max_n is None else max_n
     settings = dict(device=str(device), dtype=dtype_name, batch=batch, heads=heads, head_dim=head_dim,
-                    proj_dim=proj_dim, causal=causal, threads=threads or torch.get_num_threads())
+                    proj_dim=proj_dim, is_causal=is_causal, threads=threads or torch.get_num_threads())
     rows = []
     for pass_ in passes:
         for n in ns:
@@ -288,7 +288,7 @@ def plot(rows, path):
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     figure.suptitle(f"B={first['batch']}, H={first['heads']}, head_dim={first['head_dim']}, d'={first['proj_dim']}, "
-                    f"{'causal' if first['causal'] else 'full'}, {first['dtype']}, {first['device']}, "
+                    f"{'causal' if first['is_causal'] else 'full'}, {first['dtype']}, {first['device']}, "
                     f"{first['threads']} CPU thread(s)")
     figure.tight_layout()
     path = Path(path)
@@ -352,7 +352,7 @@ def add_arguments(parser):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--proj-dim", type=int, default=2, help="d' of the neural score (default 2, the paper's)")
-    parser.add_argument("--no-causal", dest="causal", action="store_false", help="full instead of causal attention")
+    parser.add_argument("--no-causal", dest="is_causal", action="store_false", help="full instead of causal attention")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the measured one (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
     parser.add_argument("--reference-max-n", type=int, default=DEFAULT_MAX_N["reference"],
@@ -382,13 +382,13 @@ def main(args):
     passes = args.passes or (PASSES if args.check else ("fwd+bwd",))
     rows = benchmark(args.ns or (CHECK_NS if args.check else (256, 512, 1024, 2048, 4096)), args.device,
                      getattr(torch, dtype), args.backends or (CHECK_BACKENDS if args.check else None), args.batch,
-                     args.heads, args.head_dim, args.proj_dim, args.causal, args.repeats, args.threads,
+                     args.heads, args.head_dim, args.proj_dim, args.is_causal, args.repeats, args.threads,
                      {"reference": args.reference_max_n}, passes=passes)
     first = rows[0]
     where = torch.cuda.get_device_name(args.device) if first["device"].startswith("cuda") else \
         f"{first['device']}, {first['threads']} CPU thread(s)"
     description = (f"One {' / '.join(passes)} pass per case, B={args.batch}, H={args.heads}, head_dim={args.head_dim}, "
-                   f"d'={args.proj_dim}, {'causal' if args.causal else 'full'}, {dtype}, {where}; each case in a "
+                   f"d'={args.proj_dim}, {'causal' if args.is_causal else 'full'}, {dtype}, {where}; each case in a "
                    "fresh process (method: python -c 'import minina.tools.bench; help(minina.tools.bench)').")
     write_csv(rows, out / "bench.csv")
     plot(rows, out / "bench.png")
