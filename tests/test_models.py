@@ -1,5 +1,7 @@
 """MultiHeadAttention, the blocks and both models: shapes, causality, hybrid placement, errors, backward."""
 import inspect
+import pathlib
+import re
 
 import pytest
 import torch
@@ -220,3 +222,12 @@ def test_score_options_must_be_a_dict(build):
 def test_a_misspelt_option_fails_where_it_is_typed(build):
     with pytest.raises(TypeError, match="unexpected keyword argument"):
         build()
+
+
+@pytest.mark.parametrize("cls", [MultiHeadAttention, Block, TransformerLM])
+def test_the_readme_api_tour_shows_the_signature(cls):
+    """help() shows the signature the README documents: the same parameters, in the same order."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    documented = re.search(rf"^\| `{cls.__name__}\((.*?)\)` \|", readme, re.M).group(1)
+    names = [part.split("=")[0].strip() for part in documented.split(", ")]
+    assert names == list(inspect.signature(cls).parameters)
