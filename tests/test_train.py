@@ -21,11 +21,12 @@ import minina.tools.train as train_module
 import minina.tools.train_tasks as tasks_module
 from minina import NeuralScore
 from minina.__main__ import main as cli
-from minina.tools.candidates import REJECTED_OPTIONS, CandidateScore
+from minina.tools import candidates
+from minina.tools.candidates import CandidateScore
 from minina.tools.data import lm_eval_batches, load_images, load_text
 from minina.tools.config import PAPER_CONFIGS, TrainConfig
-from minina.tools.train import (STUDY_ONLY_OPTIONS, ConfigError, autocast_dtype, build_model, check_config,
-                                learning_rate_factor, make_optimizer, train)
+from minina.tools.train import (ConfigError, autocast_dtype, build_model, check_config, learning_rate_factor,
+                                make_optimizer, train)
 
 DATA = os.environ.get("MININA_DATA")
 needs_data = pytest.mark.skipif(not DATA or not pathlib.Path(DATA, "tinyshakespeare").is_dir(),
@@ -530,4 +531,4 @@ def test_a_config_mistake_is_a_config_error_and_a_value_error(tmp_path):
 def test_train_names_the_studys_rejected_options_without_importing_the_study():
     """The hint for an option only the study's probes take: train keeps its own copy of the names, held equal to
     the study's here, so that the run's check never imports the study."""
-    assert STUDY_ONLY_OPTIONS == REJECTED_OPTIONS
+    assert train_module.REJECTED_OPTIONS == candidates.REJECTED_OPTIONS

@@ -106,9 +106,9 @@ def _check_values(config):
                              f"got {config.device!r}") from None
 
 
-# The options the learnability study measured and rejected (minina.tools.candidates.REJECTED_OPTIONS, which a test
-# holds equal to this): a run refuses them, with a hint, but never imports the study for it.
-STUDY_ONLY_OPTIONS = ("init", "learn_scale", "scale_init", "bias_init", "zero_last")  # and activation="leaky_relu"
+# The options the learnability study measured and rejected, a copy of minina.tools.candidates.REJECTED_OPTIONS (a
+# test holds them equal): a run refuses them with a hint, and never imports the study for it.
+REJECTED_OPTIONS = ("init", "learn_scale", "scale_init", "bias_init", "zero_last")  # and activation="leaky_relu"
 
 
 def _check_score_options(config):
@@ -118,7 +118,7 @@ def _check_score_options(config):
         return
     if not isinstance(options, dict):
         raise ValueError(f"score_options must be a dict or None, got {type(options).__name__}")
-    rejected = [name for name in options if name in STUDY_ONLY_OPTIONS]
+    rejected = [name for name in options if name in REJECTED_OPTIONS]
     rejected += ["activation='leaky_relu'"] if options.get("activation") == "leaky_relu" else []
     hint = (f"; {', '.join(rejected)}: rejected by the learnability study, only its probes take "
             f"{'it' if len(rejected) == 1 else 'them'} (minina.tools.candidates)" if rejected else "")
