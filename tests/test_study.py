@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from minina.tools.study import (CANDIDATES, CURVE_EVERY, DEFAULT_CANDIDATES, ESCAPE_FACTOR, HELD_OUT, PROBES,
-                                SUMMARY_FIELDS, dot_floor_estimate, format_table, plot_study, run_study, steps_to,
+from minina.tools.study import (CANDIDATES, CURVE_EVERY, DEFAULT_CANDIDATES, ESCAPE_FACTOR, FIELDS, HELD_OUT,
+                                PROBES, SUMMARY_FIELDS, dot_floor_estimate, format_table, plot_study, run_study, steps_to,
                                 summarize, summary_rows, task_keys, wilson_interval)
 from minina.tools.probes import TASKS, AttentionProbe, train_probe
 
@@ -208,6 +208,15 @@ def test_run_study_writes_resumes_and_plots(tmp_path):
         assert [row["seed"] for row in csv.DictReader(f) if row["curve"]] == ["0", "0", "1", "1", "2"]
     plot_study(again, summarize(again), tmp_path / "results.png")
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_a_csv_with_other_columns_is_refused_not_resumed(tmp_path):
+    """A results.csv written before 'variant' was renamed 'candidate' would never match a run: it is refused."""
+    path = tmp_path / "results.csv"
+    path.write_text(",".join(["task", "variant"] + FIELDS[2:]) + "\nextreme_key,dot,0,50,8,8,0.5,1.0,0.5\n")
+    with pytest.raises(ValueError, match=r"results.csv has the columns \['task', 'variant'"):
+        run_study(["extreme_key"], ["dot"], seeds=1, steps=CURVE_EVERY, csv_path=path, workers=1, progress=False)
+    assert path.read_text().count("\n") == 2  # left as it was
 
 
 @pytest.mark.parametrize("kwargs, match", [({"tasks": ["nope"]}, "unknown tasks/candidates"),

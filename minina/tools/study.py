@@ -87,7 +87,11 @@ def _train_in_worker(job):
 
 def _read_csv(path):
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    if reader.fieldnames is not None and reader.fieldnames != FIELDS:
+        raise ValueError(f"{path} has the columns {reader.fieldnames}, this study writes {FIELDS} (a CSV of an older "
+                         "minina, whose 'variant' is now 'candidate'?): rename its columns or give another --out")
     complete = [row for row in rows if all(row.get(key) not in (None, "") for key in FIELDS[:8])]
     if len(complete) < len(rows):  # a run killed while its row was written: train it again
         warnings.warn(f"{path}: skipping {len(rows) - len(complete)} incomplete row(s); those runs are retrained")
