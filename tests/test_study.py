@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from minina.tools.study import (CANDIDATES, CURVE_EVERY, DEFAULT_CANDIDATES, ESCAPE_FACTOR, FIELDS, HELD_OUT,
-                                PROBES, SUMMARY_FIELDS, dot_floor_estimate, format_table, plot_study, run_study, steps_to,
-                                summarize, summary_rows, task_keys, wilson_interval)
+                                PROBES, SUMMARY_FIELDS, dot_floor_estimate, format_table, plot_study, run_study,
+                                steps_to, summarize, summary_rows, task_keys, wilson_interval)
 from minina.tools.probes import TASKS, AttentionProbe, train_probe
 
 
