@@ -283,16 +283,16 @@ def test_wrong_masked_softmax():
 
 
 def test_wrong_attention_is_diagnosed():
-    def variant(**options):
+    def mistake(**options):
         return lambda q, k, v, attn_mask=None, is_causal=False: scratch_attention(q, k, v, attn_mask, is_causal,
                                                                                    **options)
 
-    message = fail("A1.attention", variant(scale=1.0))
+    message = fail("A1.attention", mistake(scale=1.0))
     assert "no mask" in message and "off by" in message and "equals attention without the 1/sqrt(E)" in message
     assert "equals attention with the causal mask shifted by one: one key too few" in fail(
-        "A1.attention", variant(diagonal=0))
-    assert "shifted by one: one key too many" in fail("A1.attention", variant(diagonal=2))
-    assert "boolean mask inverted" in fail("A1.attention", variant(invert=True))
+        "A1.attention", mistake(diagonal=0))
+    assert "shifted by one: one key too many" in fail("A1.attention", mistake(diagonal=2))
+    assert "boolean mask inverted" in fail("A1.attention", mistake(invert=True))
     assert "ignores is_causal" in fail("A1.attention", lambda q, k, v, attn_mask=None, is_causal=False:
                                        scratch_attention(q, k, v, attn_mask))
     assert run_exercise("A1.attention", [scratch_attention], seed=4).passed

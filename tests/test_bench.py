@@ -13,7 +13,7 @@ from minina.tools import bench
 
 
 def test_peak_memory_sees_the_reference_pair_tensor():
-    case = dict(n=512, heads=2, head_dim=64, proj_dim=2, causal=False, repeats=0, threads=1)
+    case = dict(n=512, heads=2, head_dim=64, proj_dim=2, is_causal=False, repeats=0, threads=1)
     reference = bench.measure_in_fresh_process(backend="reference", **case)
     chunked = bench.measure_in_fresh_process(backend="chunked", **case)
     pair_tensor_mib = 2 * 512 * 512 * (2 * 2) * 4 / 2 ** 20  # (B, H, N, N, 2P) float32, built in the forward
@@ -25,7 +25,7 @@ def test_peak_memory_sees_the_reference_pair_tensor():
 def test_peak_memory_without_proc_is_sampled_through_psutil():
     """Without Linux's /proc (macOS, Windows) the resident set is sampled through psutil: it still sees the pair
     tensor, in a fresh process as the benchmark runs every case."""
-    case = dict(backend="reference", n=512, heads=2, head_dim=64, proj_dim=2, causal=False, repeats=0, threads=1)
+    case = dict(backend="reference", n=512, heads=2, head_dim=64, proj_dim=2, is_causal=False, repeats=0, threads=1)
     code = ("import json, sys; from pathlib import Path; from minina.tools import bench\n"
             "bench.PROC_SELF = Path('/nonexistent')  # as on macOS and Windows\n"
             "print(json.dumps(bench.measure(**json.loads(sys.argv[1]))))")
@@ -38,7 +38,7 @@ def test_peak_memory_without_proc_is_sampled_through_psutil():
 def test_forward_pass_keeps_no_activations():
     """A "fwd" pass runs under no_grad: the reference still builds its pair tensor but keeps far less than for a
     backward."""
-    case = dict(n=512, heads=2, head_dim=64, proj_dim=2, causal=False, repeats=0, threads=1)
+    case = dict(n=512, heads=2, head_dim=64, proj_dim=2, is_causal=False, repeats=0, threads=1)
     forward = bench.measure_in_fresh_process(backend="reference", pass_="fwd", **case)
     both = bench.measure_in_fresh_process(backend="reference", pass_="fwd+bwd", **case)
     assert forward["peak_mib"] >= 2 * 512 * 512 * (2 * 2) * 4 / 2 ** 20  # the (B, H, N, N, 2P) float32 pairs

@@ -169,9 +169,9 @@ def test_gradcheck_and_modules():
     assert torch.autograd.gradcheck(f, (q, k, v, mask, *weights), fast_mode=True)
     dim = BATCH[-1] * HEAD_DIM
     torch.manual_seed(0)
-    layer = MultiHeadAttention(dim, heads=BATCH[-1], kind="neural", causal=True, backend="compiled").double()
+    layer = MultiHeadAttention(dim, heads=BATCH[-1], kind="neural", is_causal=True, backend="compiled").double()
     torch.manual_seed(0)
-    expected = MultiHeadAttention(dim, heads=BATCH[-1], kind="neural", causal=True, backend="reference").double()
+    expected = MultiHeadAttention(dim, heads=BATCH[-1], kind="neural", is_causal=True, backend="reference").double()
     x = torch.randn(BATCH[0], 9, dim, dtype=torch.float64)  # default block 16: a configuration used above
     torch.testing.assert_close(layer(x), expected(x))
 

@@ -10,7 +10,7 @@ import minina
 from minina import neural_attention
 from minina.attention import BACKENDS
 from minina.scores import RELIABLE_SCORE_OPTIONS, NeuralScore
-from minina.tools.study import VARIANTS
+from minina.tools.study import CANDIDATES
 
 
 def paper_layers(head_dim, proj_dim):
@@ -99,7 +99,7 @@ def test_residual_score_is_the_scaled_dot_product_plus_the_mlp():
 
 
 def test_options_pass_through_models():
-    lm = minina.TransformerLM(vocab_size=11, dim=32, depth=2, heads=2, max_seq_len=8, attention="neural",
+    lm = minina.TransformerLM(vocab_size=11, dim=32, depth=2, heads=2, max_seq_len=8, kind="neural",
                               score_options={"hidden": "wide", "residual": True})
     scores = [m for m in lm.modules() if isinstance(m, NeuralScore)]
     assert len(scores) == 2 and all(s.hidden == (2, 2) and s.residual for s in scores)
@@ -107,8 +107,8 @@ def test_options_pass_through_models():
     assert all(s.linears()[-1].weight.grad is not None for s in scores)
 
 
-def test_reliable_options_are_a_studied_variant_and_build_a_score():
-    assert RELIABLE_SCORE_OPTIONS in [options for options in VARIANTS.values() if options]
+def test_reliable_options_are_a_studied_candidate_and_build_a_score():
+    assert RELIABLE_SCORE_OPTIONS in [options for options in CANDIDATES.values() if options]
     score = NeuralScore(64, **RELIABLE_SCORE_OPTIONS)
     assert score.logits(torch.randn(3, 64), torch.randn(4, 64)).shape == (3, 4)
 

@@ -199,7 +199,7 @@ def test_backend_triton_in_neural_attention_and_modules():
     q, k, v = (torch.randn(2, 2, n, 8, device=DEVICE) for n in (9, 12, 12))
     torch.testing.assert_close(neural_attention(q, k, v, score, is_causal=True, backend="triton"),
                                neural_attention(q, k, v, score, is_causal=True, backend="reference"))
-    mha = MultiHeadAttention(16, heads=2, kind="neural", causal=True, backend="triton").to(DEVICE)
+    mha = MultiHeadAttention(16, heads=2, kind="neural", is_causal=True, backend="triton").to(DEVICE)
     x = torch.randn(2, 9, 16, device=DEVICE)
     reference = copy.deepcopy(mha)
     reference.backend = "reference"

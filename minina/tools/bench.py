@@ -114,7 +114,7 @@ def _read_proc_status(field):
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
 
 
-def _prepared(backend, n, device, dtype, batch, heads, head_dim, proj_dim, causal, seed, pass_):
+def _prepared(backend, n, device, dtype, batch, heads, head_dim, proj_dim, is_causal, seed, pass_):
     """A function that runs one pass_ of backend at N=n, once warmed up (see the module docstring)."""
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
@@ -133,9 +133,9 @@ def _prepared(backend, n, device, dtype, batch, heads, head_dim, proj_dim, causa
             leaf.grad = None
         if pass_ == "fwd":
             with torch.no_grad():
-                attention(q, k, v, score, causal)
+                attention(q, k, v, score, is_causal)
         else:
-            attention(q, k, v, score, causal).backward(grad_out)
+            attention(q, k, v, score, is_causal).backward(grad_out)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -146,13 +146,13 @@ def _prepared(backend, n, device, dtype, batch, heads, head_dim, proj_dim, causa
     return lambda: run(*tensors)
 
 
-def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_dim=64, proj_dim=2, causal=True,
+def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_dim=64, proj_dim=2, is_causal=True,
             repeats=3, threads=None, seed=0, pass_="fwd+bwd"):
     """One case in this process: {"time_s", "peak_mib"} of one pass_ (see the module docstring)."""
     if threads:
         torch.set_num_threads(threads)
     device, dtype = torch.device(device), getattr(torch, dtype)
-    run = _prepared(backend, n, device, dtype, batch, heads, head_dim, proj_dim, causal, seed, pass_)
+    run = _prepared(backend, n, device, dtype, batch, heads, head_dim, proj_dim, is_causal, seed, pass_)
     memory = _PeakMemory(device)
     in_use = memory.start()
     start = time.perf_counter()
@@ -169,14 +169,14 @@ def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_di
 
 
 def measure_alternating(backends, n, device="cpu", dtype="float32", batch=1, heads=8, head_dim=64, proj_dim=2,
-                        causal=True, repeats=3, threads=None, seed=0, pass_="fwd+bwd"):
+                        is_causal=True, repeats=3, threads=None, seed=0, pass_="fwd+bwd"):
     """The backends' cases in this one process, taking turns: each is prepared (warmed up), then `repeats` rounds
     run each backend once in order. {backend: {"time_s": median, "rounds": [seconds per round]}}; no memory (the
     allocator's pages are shared by the backends here)."""
     if threads:
         torch.set_num_threads(threads)
     device, dtype = torch.device(device), getattr(torch, dtype)
-    runs = {backend: _prepared(backend, n, device, dtype, batch, heads, head_dim, proj_dim, causal, seed, pass_)
+    runs = {backend: _prepared(backend, n, device, dtype, batch, heads, head_dim, proj_dim, is_causal, seed, pass_)
             for backend in backends}
     rounds = {backend: [] for backend in backends}
     for _ in range(max(repeats, 1)):
@@ -199,7 +199,7 @@ def measure_in_fresh_process(function="measure", **case):
 
 
 def benchmark(ns=(256, 512, 1024, 2048, 4096), device="cpu", dtype=torch.float32, backends=None, batch=1, heads=8,
-              head_dim=64, proj_dim=2, causal=True, repeats=3, threads=None, max_n=None, progress=print,
+              head_dim=64, proj_dim=2, is_causal=True, repeats=3, threads=None, max_n=None, progress=print,
               passes=("fwd+bwd",), rounds=1, same_process=False):
     """Time and peak extra memory of one pass for each backend, pass and N; returns a list of dict rows.
 
@@ -225,7 +225,7 @@ def benchmark(ns=(256, 512, 1024, 2048, 4096), device="cpu", dtype=torch.float32
         raise ValueError(f"backends must be names from {sorted(CONTENDERS)}, got {unknown}")
     max_n = DEFAULT_MAX_N if max_n is None else max_n
     settings = dict(device=str(device), dtype=dtype_name, batch=batch, heads=heads, head_dim=head_dim,
-                    proj_dim=proj_dim, causal=causal, threads=threads or torch.get_num_threads())
+                    proj_dim=proj_dim, is_causal=is_causal, threads=threads or torch.get_num_threads())
     cases = [(pass_, n, backend) for pass_ in passes for n in ns for backend in backends if n <= max_n.get(backend, n)]
     measured = {case: [] for case in cases}  # (pass, n, backend) -> one {"time_s", "peak_mib"} per round
     for round_ in range(rounds):
@@ -342,7 +342,7 @@ def plot(rows, path):
         else:
             axis.set_title("not measured with the backends in one process")
     figure.suptitle(f"B={first['batch']}, H={first['heads']}, head_dim={first['head_dim']}, d'={first['proj_dim']}, "
-                    f"{'causal' if first['causal'] else 'full'}, {first['dtype']}, {first['device']}, "
+                    f"{'causal' if first['is_causal'] else 'full'}, {first['dtype']}, {first['device']}, "
                     f"{first['threads']} CPU thread(s)")
     figure.tight_layout()
     path = Path(path)
@@ -406,7 +406,7 @@ def add_arguments(parser):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--proj-dim", type=int, default=2, help="d' of the neural score (default 2, the paper's)")
-    parser.add_argument("--no-causal", dest="causal", action="store_false", help="full instead of causal attention")
+    parser.add_argument("--no-causal", dest="is_causal", action="store_false", help="full instead of causal attention")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the measured one (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -441,14 +441,14 @@ def main(args):
     passes = args.passes or (PASSES if args.check else ("fwd+bwd",))
     rows = benchmark(args.ns or (CHECK_NS if args.check else (256, 512, 1024, 2048, 4096)), args.device,
                      getattr(torch, dtype), args.backends or (CHECK_BACKENDS if args.check else None), args.batch,
-                     args.heads, args.head_dim, args.proj_dim, args.causal, args.repeats, args.threads,
+                     args.heads, args.head_dim, args.proj_dim, args.is_causal, args.repeats, args.threads,
                      {"reference": args.reference_max_n}, passes=passes, rounds=args.rounds,
                      same_process=args.same_process)
     first = rows[0]
     where = torch.cuda.get_device_name(args.device) if first["device"].startswith("cuda") else \
         f"{first['device']}, {first['threads']} CPU thread(s)"
     description = (f"One {' / '.join(passes)} pass per case, B={args.batch}, H={args.heads}, head_dim={args.head_dim}, "
-                   f"d'={args.proj_dim}, {'causal' if args.causal else 'full'}, {dtype}, {where}; {first['method']}, "
+                   f"d'={args.proj_dim}, {'causal' if args.is_causal else 'full'}, {dtype}, {where}; {first['method']}, "
                    f"{first['rounds']} round(s), medians (method: python -c 'import minina.tools.bench; "
                    "help(minina.tools.bench)').")
     write_csv(rows, out / "bench.csv")

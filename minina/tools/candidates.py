@@ -1,7 +1,7 @@
 """The score options the learnability study measured and did not recommend (README "Training reliably").
 
 They live here, with the study, so that minina.NeuralScore keeps only the options a user is told to use, while
-every variant the study reports can still be run again. CandidateScore with NeuralScore's options alone is
+every candidate the study reports can still be run again. CandidateScore with NeuralScore's options alone is
 NeuralScore: the same layers, the same random draws, the same logits.
 """
 import math
