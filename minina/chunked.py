@@ -105,7 +105,8 @@ class _Tiles:
         A, Bk, v, q_residual, k_residual, attn_mask, weights = inputs
         compute = torch.promote_types(v.dtype, torch.float32)  # fp32 accumulation for half and bfloat16
         self.L, self.S, self.widths, self.is_causal = A.shape[-2], Bk.shape[-2], widths, is_causal
-        self.block_l, self.block_s, self.cut = block_l, block_s, _padded if compiled else _part
+        self.block_l, self.block_s, self.compiled = block_l, block_s, compiled
+        self.cut = _padded if compiled else _part
         self.A, self.Bk = A.movedim(-1, 0).to(compute), Bk.movedim(-1, 0).to(compute)  # (h1, ..., L), (h1, ..., S)
         self.v, self.weights = v.to(compute), weights.to(compute)  # (..., S, Ev), (n,)
         self.q_residual = None if q_residual is None else q_residual.to(compute)  # (..., L, E)
@@ -127,6 +128,11 @@ class _Tiles:
 
     def cols(self, j):
         return (j, self.block_s)
+
+    def positions(self, i, j):
+        """Whether tile (i, j) masks by position: always when compiled (padding, one graph), else where it reaches
+        above the causal diagonal."""
+        return self.compiled or (self.is_causal and (j + 1) * self.block_s - 1 > i * self.block_l)
 
     def mask_blocks(self, i, j):
         """The blocks of the mask's last two dims for tile (i, j); a size-1 dim (broadcast) is not cut."""
@@ -166,7 +172,7 @@ class ChunkedNeuralAttention(torch.autograd.Function):
             acc = torch.zeros(*shape, v.shape[-1], dtype=out.dtype, device=v.device)  # (..., bl, Ev)
             for j in tiles.key_blocks(i):
                 row_max, row_sum, acc = _run(compiled, "forward", step, *tiles.args(i, j), row_max, row_sum, acc,
-                                             widths=widths, activation=activation, padded=compiled)
+                                             widths=widths, activation=activation, positions=tiles.positions(i, j))
             has_keys = row_sum > 0  # a row with every key masked outputs zeros
             out_rows.copy_(_crop(acc / torch.where(has_keys, row_sum, 1.0).unsqueeze(-1), out_rows))
             lse_rows = _part(logsumexp, {-1: tiles.rows(i)})
@@ -196,7 +202,7 @@ class ChunkedNeuralAttention(torch.autograd.Function):
                          _padded(safe_lse, {-1: rows}, math.inf) if compiled else _part(safe_lse, {-1: rows}))
             for j in tiles.key_blocks(i):  # padded rows: dO = 0, D = 0, P = 0
                 tile_grads = _run(compiled, "backward", step, *tiles.args(i, j), *row_tiles, widths=widths,
-                                  activation=activation, padded=compiled, mask_grad=mask_grad)
+                                  activation=activation, positions=tiles.positions(i, j), mask_grad=mask_grad)
                 cols = tiles.cols(j)
                 blocks = ({-1: rows}, {-1: cols}, {-2: cols}, {}, mask_grad and tiles.mask_blocks(i, j),
                           {-2: rows}, {-2: cols})  # where each tile gradient adds to

@@ -83,13 +83,13 @@ def _weighted_sum(weights, inputs, bias=None):
     return out
 
 
-def tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation, padded):
+def tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation, positions):
     """Scores of one tile, unrolled: A (h1, ..., bl), Bk (h1, ..., bs) -> (..., bl, bs) and, per hidden layer, its
     pre-activations and activations (lists of one (..., bl, bs) tensor per unit). Masked and padded pairs get -inf.
 
     offsets: a tensor (first query row, first key, S, is_causal), so that neither positions nor causality change
-    the computation; mask: the tile's (..., bl|1, bs|1) block or None; padded: whether the tile may reach past S
-    (compiled tiles, then always masked by position) or is cut exactly (eager tiles, masked only on the diagonal).
+    the computation; mask: the tile's (..., bl|1, bs|1) block or None; positions: whether to mask padding keys and
+    (if causal) future keys, which compiled tiles always do and eager ones on the diagonal only.
     """
     act = ACTIVATIONS[activation].function
     pre = [A[unit].unsqueeze(-1) + Bk[unit].unsqueeze(-2) for unit in range(widths[0])]  # A_i + Bk_j per unit
@@ -104,7 +104,7 @@ def tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, a
     if mask is not None and mask.dtype != torch.bool:
         logits = logits + mask
     bl, bs = logits.shape[-2:]
-    if padded or (offsets[3] and offsets[1] + bs - 1 > offsets[0]):  # padding, or a tile crossing the diagonal
+    if positions:
         rows = offsets[0] + torch.arange(bl, device=logits.device)  # (bl,) query positions
         cols = offsets[1] + torch.arange(bs, device=logits.device)  # (bs,) key positions
         keep = (cols < offsets[2]).expand(bl, -1)  # (bl, bs) real keys, not padding
@@ -116,9 +116,9 @@ def tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, a
 
 
 def forward_tile(A, Bk, v, weights, offsets, mask, q_residual, k_residual, row_max, row_sum, acc, *, widths,
-                 activation, padded):
+                 activation, positions):
     """One online-softmax step over a key block: (m_i, l_i, acc) -> updated, with v (..., bs, Ev)."""
-    logits, _ = tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation, padded)
+    logits, _ = tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation, positions)
     new_max = torch.maximum(row_max, logits.amax(dim=-1))  # m_new = max(m_i, rowmax(S_ij))
     safe_max = torch.where(torch.isfinite(new_max), new_max, 0.0)  # a row masked so far stays at 0 weight
     rescale = torch.exp(row_max - safe_max)  # exp(m_i - m_new)
@@ -143,10 +143,10 @@ def _mlp_backward(grad_logits, layers, weights, widths, activation):
 
 
 def backward_tile(A, Bk, v, weights, offsets, mask, q_residual, k_residual, grad_out, delta, logsumexp, *, widths,
-                  activation, padded, mask_grad):
+                  activation, positions, mask_grad):
     """FlashAttention-2's backward for one tile: the gradients of A, Bk, v, the flat weights, the mask tile (or
     None) and the residual's q, k (or None) contributed by these pairs."""
-    logits, layers = tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation, padded)
+    logits, layers = tile_logits(A, Bk, weights, offsets, mask, q_residual, k_residual, widths, activation, positions)
     p = torch.exp(logits - logsumexp.unsqueeze(-1))  # P_ij = exp(S_ij - LSE_i)  (..., bl, bs)
     grad_v = p.transpose(-2, -1) @ grad_out  # dV_j = P_ij^T dO_i  (..., bs, Ev)
     grad_p = grad_out @ v.transpose(-2, -1)  # dP_ij = dO_i V_j^T  (..., bl, bs)

@@ -7,13 +7,13 @@ keeps a running max m_i, running sum l_i and accumulator acc (online softmax). A
 in base 2: log2(e) is folded into the MLP's last layer, so the kernels compute s2 = s log2(e) and use exp2. The
 base-2 logsumexp of every row is saved; the backward recomputes each tile from it.
 
-The first MLP layer is split over the concatenation (NeuralScore.split): A = W1_q q_proj(q) + c (B, H, L, h1) and
-Bk = W1_k k_proj(k) (B, H, S, h1) are computed in PyTorch, so the kernels only see the pair hidden layer
-act(A_i + Bk_j) and the remaining layers (h1 -> h2 -> 1). Autograd carries dA and dBk back into q, k and the
-projections. A residual score (NeuralScore(residual=True)) also adds q_i . k_j / sqrt(E): split() hands over
-(q / sqrt(E), k), and the kernels add it as FlashAttention computes its logits, one tile product q k^T per tile
-(constexpr HAS_RESIDUAL, so scores without it compile as before), with dS K and dS^T Q in the backward; autograd
-carries those through the 1 / sqrt(E).
+The first MLP layer is split over the concatenation (minina.tiles.split_inputs, the TileInputs that the chunked
+backends take too): A = W1_q q_proj(q) + c (B, H, L, h1) and Bk = W1_k k_proj(k) (B, H, S, h1) are computed in
+PyTorch, so the kernels only see the pair hidden layer act(A_i + Bk_j) and the remaining layers (h1 -> h2 -> 1).
+Autograd carries dA and dBk back into q, k and the projections. A residual score (NeuralScore(residual=True))
+also adds q_i . k_j / sqrt(E): the tile inputs hold (q / sqrt(E), k), and the kernels add it as FlashAttention
+computes its logits, one tile product q k^T per tile (constexpr HAS_RESIDUAL, so scores without it compile as
+before), with dS K and dS^T Q in the backward; autograd carries those through the 1 / sqrt(E).
 
 Supported: CUDA tensors in fp32, fp16 and bf16 (bf16 needs compute capability >= 8.0: Triton cannot compile bf16
 for older GPUs such as the T4, so there it is refused and "auto" falls back to chunked); A may be fp32 while Bk and

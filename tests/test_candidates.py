@@ -187,10 +187,10 @@ def test_chunked_backend_sees_the_folded_scale():
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in ("auto", "reference")])
-def test_every_backend_sees_the_folded_scale(backend):
+def test_every_backend_sees_the_folded_scale(backend, request):
     """A learned scale on a residual score with kaiming init and hidden biases: output and every gradient (the
     scale's too) against the float64 reference. The scale multiplies the MLP, not q . k."""
-    device = backend_device(backend)
+    device = backend_device(backend, request)
     score = CandidateScore(16, 4, init="kaiming", learn_scale=True, bias_init=0.5, residual=True).to(device)
     with torch.no_grad():
         score.logit_scale.fill_(2.3)
