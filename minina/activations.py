@@ -14,7 +14,7 @@ import torch.nn as nn
 class Activation(NamedTuple):
     module: type  # the nn.Module class of the reference MLP
     function: Callable  # act(x) on a tensor
-    derivative: Callable  # d act(x) / dx on a tensor
+    derivative: Callable  # d act(x) / dx on a tensor (ReLU's as a bool tensor, which a product casts for free)
 
 
 def _gelu_derivative(x):
@@ -22,6 +22,6 @@ def _gelu_derivative(x):
 
 
 ACTIVATIONS = {
-    "relu": Activation(nn.ReLU, torch.relu, lambda x: (x > 0).to(x.dtype)),
+    "relu": Activation(nn.ReLU, torch.relu, lambda x: x > 0),
     "gelu": Activation(nn.GELU, torch.nn.functional.gelu, _gelu_derivative),
 }

@@ -1,224 +1,247 @@
 """Memory-efficient neural attention: online softmax over key blocks, score tiles recomputed in backward.
 
 The algorithm is FlashAttention's (Dao et al. 2022; Dao 2023, Alg. 1 and 2) with the dot product replaced by the
-paper's pair MLP (DiGiugno & Mahmood 2025, Eq. 3-5). Its first layer splits over the concatenation,
-W1 [a_i; b_j] + c = (W1_q a_i + c) + W1_k b_j, so NeuralScore.split gives A (..., L, h1) and Bk (..., S, h1) once,
-and the score of pair (i, j) is the rest of the MLP applied to act(A_i + Bk_j). The (..., L, S, 2P) pair tensor of
-the reference never exists: memory is O(batch * (L + S) * (E + h1)) plus one (query block x key block) tile.
+paper's pair MLP (DiGiugno & Mahmood 2025, Eq. 3-5). ChunkedNeuralAttention walks (query block x key block) tiles
+and runs minina.tiles' forward and backward step on each: the (..., L, S, 2P) pair tensor of the reference never
+exists, memory is O(batch * (L + S) * (E + h1)) plus one tile, and only the output and the per-query logsumexp
+are saved for backward. Gradients of q, k, the projections and the first MLP layer flow through
+NeuralScore.split by ordinary autograd. This is the readable blueprint of the fused Triton kernels.
 
-The autograd Function below owns A, Bk, v and the remaining MLP layers; gradients of q, k, q_proj, k_proj and the
-first layer flow through split() by ordinary autograd. This file is the readable blueprint of the fused Triton
-kernel: the same loops, the same saved logsumexp, the same recomputation. Every NeuralScore option runs here
-(the residual score adds its dot product per tile: no (L, S) tensor); float16/bfloat16 inputs run with float32
-tiles and accumulators.
-Caution: pure PyTorch launches a few dozen small ops per tile, so it trades speed for memory (README, Performance);
-the fast paths are the compiled tiles on CPU (minina.compiled) and the fused Triton kernel on GPU.
+backend="chunked" runs each tile step eagerly: a few dozen PyTorch ops per tile, each writing a (..., bl, bs)
+tensor, so it trades speed for memory. backend="compiled" runs the same steps fused by torch.compile (Inductor's
+C++ loops on a CPU): each tile's inputs are cut into fresh contiguous tensors of the full block size, the last one
+padded (the tile masks padding by position), so one configuration (batch dims, score MLP, dtype, mask kind,
+blocks) compiles once and then serves every L and S. Every NeuralScore option runs in both; float16/bfloat16
+inputs run with float32 tiles and accumulators.
+Caution: the first "compiled" call of a configuration compiles, which takes seconds to a minute (README,
+Performance), and torch.compile keeps at most torch._dynamo.config.recompile_limit configurations per process
+(more run eagerly, with torch's warning). Differentiating twice (create_graph=True) raises.
 """
-import functools
 import math
 
 import torch
 
-from .activations import ACTIVATIONS
+from .tiles import backward_tile, first_order_backward, forward_tile, split_inputs
 
-TILE_ELEMENTS = 2 ** 19  # default budget for one (hidden, batch, query block, key block) tile
+TILE_ELEMENTS = 2 ** 19  # eager: budget of (hidden, batch, query block, key block) numbers in one tile
+TILE_PAIRS = 2 ** 19  # compiled: budget of (batch, query block, key block) pairs in one tile
 
-
-
-def first_order_backward(backend):
-    """Decorator for the backward of a Function written without a graph of its own: raise when autograd asks it to
-    build one (create_graph=True). once_differentiable raises only when the incoming gradient requires grad, so a
-    loss linear in the output would get a second derivative that silently lacks the backward's own terms."""
-    def decorate(backward):
-        @functools.wraps(backward)
-        def checked(ctx, *grads):
-            if torch.is_grad_enabled():  # autograd runs a backward in grad mode exactly when create_graph=True
-                raise RuntimeError(f"backend={backend!r} has no double backward: its backward cannot build a graph "
-                                   "(create_graph=True); use backend='reference' to differentiate twice")
-            return backward(ctx, *grads)
-        return checked
-    return decorate
 
 def default_block_size(batch_size, hidden_width, L, S):
-    """Square blocks, a power of two in [16, 256], so that a tile holds at most about TILE_ELEMENTS numbers."""
+    """Eager tiles: square blocks, a power of two in [16, 256], so that a tile holds at most about TILE_ELEMENTS
+    numbers, and no longer than the sequences."""
     block = 16
     while block < 256 and batch_size * (2 * block) ** 2 * hidden_width <= TILE_ELEMENTS:
         block *= 2
     return min(block, max(L, S, 1))
 
 
-def _mask_tile(mask, rows, cols):
-    """The (..., rows, cols) block of a mask broadcastable to (..., L, S); a size-1 dim stays size 1."""
-    return mask[..., rows if mask.shape[-2] > 1 else slice(None), cols if mask.shape[-1] > 1 else slice(None)]
-
-
-def _linear(weight, bias, x):
-    """A Linear layer on a hidden-first tile: (out, in), (out,), (in, ...) -> (out, ...).
-
-    Hidden widths are tiny (the paper's are 2 and 1), and a (out, in) @ (in, many) product is much faster than
-    (many, in) @ (in, out), so tiles keep the hidden dimension first.
-    """
-    return (weight @ x.flatten(1)).view(-1, *x.shape[1:]) + bias.view(-1, *[1] * (x.dim() - 1))
-
-
-def _tile_logits(A_block, Bk_block, rest, activation, attn_mask, is_causal, rows, cols, dot_blocks=None):
-    """Scores of one tile from hidden-first A and Bk blocks: (h1, ..., bl), (h1, ..., bs) -> (..., bl, bs).
-
-    dot_blocks: None, or the (..., bl, E), (..., bs, E) blocks of a residual score's scaled q and k, whose dot
-    products are added. Masked pairs get -inf. Also returns the pre-activations backward needs, one
-    (width, ..., bl, bs) per layer.
-    """
-    act = ACTIVATIONS[activation].function
-    pre = A_block.unsqueeze(-1) + Bk_block.unsqueeze(-2)  # (h1, ..., bl, bs) = A_i + Bk_j
-    pre_activations = [pre]
-    for weight, bias in rest[:-1]:
-        pre = _linear(weight, bias, act(pre))  # (width, ..., bl, bs)
-        pre_activations.append(pre)
-    logits = _linear(*rest[-1], act(pre)).squeeze(0)  # (..., bl, bs)
-    if dot_blocks is not None:
-        logits = logits + dot_blocks[0] @ dot_blocks[1].transpose(-2, -1)  # + q_i . k_j / sqrt(E)
-    if attn_mask is not None:
-        tile = _mask_tile(attn_mask, rows, cols)
-        logits = logits.masked_fill(~tile, -math.inf) if tile.dtype == torch.bool else logits + tile.to(logits.dtype)
-    if is_causal and cols.stop - 1 > rows.start:  # the tile reaches above the diagonal
-        future = torch.arange(cols.start, cols.stop, device=logits.device) > torch.arange(
-            rows.start, rows.stop, device=logits.device).unsqueeze(-1)  # (bl, bs) key after query
-        logits = logits.masked_fill(future, -math.inf)
-    return logits, pre_activations
-
-
-def _dot_blocks(dot, rows, cols):
-    """The query rows and key cols of a residual score's (scaled q, k), or None."""
-    return None if dot is None else (dot[0][..., rows, :], dot[1][..., cols, :])
-
-
-def _key_blocks(rows, S, block_s, is_causal):
-    """Key-block slices that query rows may see: all, or (causal) those starting before rows.stop."""
-    stop = min(S, rows.stop) if is_causal else S
-    return [slice(j, min(j + block_s, S)) for j in range(0, stop, block_s)]
-
-
-class ChunkedNeuralAttention(torch.autograd.Function):
-    """out = softmax(MLP_rest(act(A_i + Bk_j)) [+ q_i . k_j] + mask) v, walked tile by tile; saves the logsumexp.
-
-    A (..., L, h1), Bk (..., S, h1), v (..., S, Ev) with the same batch dims; q_dot (..., L, E), k_dot (..., S, E)
-    the residual score's scaled q and k, or both None; rest_params = W2, b2, ..., Wn, bn; attn_mask None or with
-    as many dims as v, broadcastable to (..., L, S).
-    """
-
-    @staticmethod
-    def forward(ctx, A, Bk, v, q_dot, k_dot, attn_mask, is_causal, activation, block_l, block_s, *rest_params):
-        compute = torch.promote_types(v.dtype, torch.float32)  # fp32 accumulation for half and bfloat16
-        rest = [(w.to(compute), b.to(compute)) for w, b in zip(rest_params[::2], rest_params[1::2])]
-        A_t = A.movedim(-1, 0).to(compute).contiguous()  # (h1, ..., L)
-        Bk_t = Bk.movedim(-1, 0).to(compute).contiguous()  # (h1, ..., S)
-        L, S = A.shape[-2], Bk.shape[-2]
-        dot = None if q_dot is None else (q_dot.to(compute), k_dot.to(compute))  # (..., L, E), (..., S, E)
-        out = torch.zeros(*v.shape[:-2], L, v.shape[-1], dtype=compute, device=v.device)  # (..., L, Ev)
-        logsumexp = torch.full((*v.shape[:-2], L), -math.inf, dtype=compute, device=v.device)  # (..., L)
-        for i in range(0, L, block_l):
-            rows = slice(i, min(i + block_l, L))
-            row_max = torch.full((*v.shape[:-2], rows.stop - i), -math.inf, dtype=compute, device=v.device)  # m_i
-            row_sum = torch.zeros_like(row_max)  # l_i  (..., bl)
-            acc = torch.zeros(*row_max.shape, v.shape[-1], dtype=compute, device=v.device)  # (..., bl, Ev)
-            for cols in _key_blocks(rows, S, block_s, is_causal):
-                logits, _ = _tile_logits(A_t[..., rows], Bk_t[..., cols], rest, activation, attn_mask, is_causal,
-                                         rows, cols, _dot_blocks(dot, rows, cols))  # (..., bl, bs)
-                new_max = torch.maximum(row_max, logits.amax(dim=-1))  # m_new = max(m_i, rowmax(S_ij))
-                safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))  # all -inf
-                rescale = torch.exp(row_max - safe_max)  # exp(m_i - m_new)
-                p = torch.exp(logits - safe_max.unsqueeze(-1))  # P_ij = exp(S_ij - m_new)  (..., bl, bs)
-                row_sum = row_sum * rescale + p.sum(dim=-1)  # l_i = l_i exp(m_i - m_new) + rowsum(P_ij)
-                acc = acc * rescale.unsqueeze(-1) + p @ v[..., cols, :].to(compute)  # (..., bl, Ev)
-                row_max = new_max
-            has_keys = row_sum > 0  # a row with every key masked outputs zeros
-            out[..., rows, :] = acc / torch.where(has_keys, row_sum, torch.ones_like(row_sum)).unsqueeze(-1)
-            logsumexp[..., rows] = torch.where(has_keys, row_max + torch.log(row_sum), logsumexp[..., rows])
-        ctx.save_for_backward(A, Bk, v, q_dot, k_dot, out, logsumexp, attn_mask, *rest_params)
-        ctx.is_causal, ctx.activation, ctx.block_l, ctx.block_s = is_causal, activation, block_l, block_s
-        return out.to(v.dtype)
-
-    @staticmethod
-    @first_order_backward("chunked")
-    def backward(ctx, grad_out):
-        A, Bk, v, q_dot, k_dot, out, logsumexp, attn_mask, *rest_params = ctx.saved_tensors
-        compute, (_, act, act_grad) = out.dtype, ACTIVATIONS[ctx.activation]
-        rest = [(w.to(compute), b.to(compute)) for w, b in zip(rest_params[::2], rest_params[1::2])]
-        A_t = A.movedim(-1, 0).to(compute).contiguous()  # (h1, ..., L)
-        Bk_t = Bk.movedim(-1, 0).to(compute).contiguous()  # (h1, ..., S)
-        L, S = A.shape[-2], Bk.shape[-2]
-        dot = None if q_dot is None else (q_dot.to(compute), k_dot.to(compute))  # (..., L, E), (..., S, E)
-        grad_dot = None if dot is None else (torch.zeros_like(dot[0]), torch.zeros_like(dot[1]))
-        grad_out = grad_out.to(compute)
-        delta = (grad_out * out).sum(dim=-1)  # D_i = dO_i . O_i  (..., L)
-        safe_lse = torch.where(torch.isfinite(logsumexp), logsumexp, torch.full_like(logsumexp, math.inf))
-        grad_A_t, grad_Bk_t = torch.zeros_like(A_t), torch.zeros_like(Bk_t)  # (h1, ..., L), (h1, ..., S)
-        grad_v = torch.zeros(v.shape, dtype=compute, device=v.device)  # (..., S, Ev)
-        grad_rest = [[torch.zeros_like(w), torch.zeros_like(b)] for w, b in rest]
-        mask_needs_grad = attn_mask is not None and ctx.needs_input_grad[5]
-        grad_mask = torch.zeros(attn_mask.shape, dtype=compute, device=v.device) if mask_needs_grad else None
-        for i in range(0, L, ctx.block_l):
-            rows = slice(i, min(i + ctx.block_l, L))
-            grad_out_block = grad_out[..., rows, :]  # (..., bl, Ev)
-            for cols in _key_blocks(rows, S, ctx.block_s, ctx.is_causal):
-                logits, pre_activations = _tile_logits(A_t[..., rows], Bk_t[..., cols], rest, ctx.activation,
-                                                       attn_mask, ctx.is_causal, rows, cols,
-                                                       _dot_blocks(dot, rows, cols))  # (..., bl, bs)
-                p = torch.exp(logits - safe_lse[..., rows].unsqueeze(-1))  # P_ij = exp(S_ij - LSE_i)
-                v_block = v[..., cols, :].to(compute)  # (..., bs, Ev)
-                grad_v[..., cols, :] += p.transpose(-2, -1) @ grad_out_block  # dV_j += P_ij^T dO_i
-                grad_p = grad_out_block @ v_block.transpose(-2, -1)  # dP_ij = dO_i V_j^T  (..., bl, bs)
-                grad_logits = p * (grad_p - delta[..., rows].unsqueeze(-1))  # dS_ij = P_ij (dP_ij - D_i)
-                if mask_needs_grad:
-                    tile = _mask_tile(grad_mask, rows, cols)
-                    tile += grad_logits.sum_to_size(tile.shape)
-                if dot is not None:  # S_ij += q_i . k_j: dq_i += sum_j dS_ij k_j, dk_j += sum_i dS_ij q_i
-                    grad_dot[0][..., rows, :] += grad_logits @ dot[1][..., cols, :]  # (..., bl, E)
-                    grad_dot[1][..., cols, :] += grad_logits.transpose(-2, -1) @ dot[0][..., rows, :]  # (..., bs, E)
-                grad = grad_logits.unsqueeze(0)  # (1, ..., bl, bs): back through the MLP, last layer first
-                for (weight, _), grad_params, pre in zip(rest[::-1], grad_rest[::-1], pre_activations[::-1]):
-                    grad_params[0] += grad.flatten(1) @ act(pre).flatten(1).T  # dW = g h^T  (out, in)
-                    grad_params[1] += grad.flatten(1).sum(dim=1)  # db = sum g  (out,)
-                    grad = (weight.T @ grad.flatten(1)).view(pre.shape) * act_grad(pre)  # (in, ..., bl, bs)
-                grad_A_t[..., rows] += grad.sum(dim=-1)  # pre = A_i + Bk_j, so dA_i = sum_j d(pre_ij)
-                grad_Bk_t[..., cols] += grad.sum(dim=-2)  # dBk_j = sum_i d(pre_ij)
-        grads_rest = [g.to(param.dtype) for g, param in zip([g for pair in grad_rest for g in pair], rest_params)]
-        grads_dot = (None, None) if dot is None else (grad_dot[0].to(q_dot.dtype), grad_dot[1].to(k_dot.dtype))
-        return (grad_A_t.movedim(0, -1).to(A.dtype), grad_Bk_t.movedim(0, -1).to(Bk.dtype), grad_v.to(v.dtype),
-                *grads_dot, None if grad_mask is None else grad_mask.to(attn_mask.dtype), None, None, None, None,
-                *grads_rest)
-
-
-def split_inputs(q, k, v, score, attn_mask):
-    """What the tile backends take: A, Bk, v, q_dot, k_dot broadcast to the batch dims, the mask with as many dims
-    as v, and the flat list of the remaining MLP layers' parameters (W2, b2, ..., Wn, bn), via score.split."""
-    A, Bk, rest, dot = score.split(q, k, dot_term=True)  # (..., L, h1), (..., S, h1)
-    batch = torch.broadcast_shapes(A.shape[:-2], Bk.shape[:-2], v.shape[:-2])
-    L, S, width = A.shape[-2], Bk.shape[-2], A.shape[-1]
-    A, Bk = A.expand(*batch, L, width), Bk.expand(*batch, S, width)  # (..., L, h1), (..., S, h1); views
-    v = v.expand(*batch, S, v.shape[-1])  # (..., S, Ev)
-    q_dot, k_dot = (None, None) if dot is None else (dot[0].expand(*batch, L, dot[0].shape[-1]),
-                                                     dot[1].expand(*batch, S, dot[1].shape[-1]))  # (..., L|S, E)
-    if attn_mask is not None:
-        attn_mask = attn_mask.reshape((1,) * (len(batch) + 2 - attn_mask.dim()) + attn_mask.shape)  # (..., L|1, S|1)
-    return A, Bk, v, q_dot, k_dot, attn_mask, [t for layer in rest for t in layer]
+def compiled_block_size(batch_size, length):
+    """Compiled tiles: square blocks, a power of two in [16, 256] with at most about TILE_PAIRS pairs per tile, and
+    no longer than needed for sequences of `length` (rounded up to a power of two). So every length from the block
+    size up shares one compiled configuration; shorter sequences add at most four more (16, 32, 64, 128)."""
+    block = 16
+    while block < min(256, length) and batch_size * (2 * block) ** 2 <= TILE_PAIRS:
+        block *= 2
+    return block
 
 
 def check_block_sizes(block_l, block_s):
     """ValueError unless each tile size is None (the default) or a positive int."""
     for name, block in (("block_l", block_l), ("block_s", block_s)):
-        if block is not None and (not isinstance(block, int) or block < 1):
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise ValueError(f"{name} must be a positive int or None, got {block!r}")
 
 
-def chunked_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, block_l=None, block_s=None):
-    """neural_attention(..., backend="chunked"): the same result and gradients as the reference in O(N) memory.
+class CompileError(RuntimeError):
+    """torch.compile failed on a tile of backend="compiled"."""
+
+
+def _steps(compiled):
+    """The forward and backward tile steps, eager or compiled. torch.compile keeps its graphs with the function's
+    code, so a new wrapper per call finds what an earlier call compiled."""
+    if not compiled:
+        return forward_tile, backward_tile
+    return torch.compile(forward_tile, dynamic=False), torch.compile(backward_tile, dynamic=False)
+
+
+def _run(compiled, kind, step, *args, **options):
+    """step(*args, **options), a compile failure raised as CompileError."""
+    if not compiled:
+        return step(*args, **options)
+    try:
+        return step(*args, **options)
+    except Exception as error:
+        raise CompileError(f"torch.compile failed on backend='compiled''s {kind} tile: "
+                           f"{type(error).__name__}: {str(error)[:500]}") from error
+
+
+def _part(x, blocks):
+    """The part of x under one tile, a view: blocks maps dims to (index, block size); the last is shorter."""
+    for dim, (index, block) in blocks.items():
+        x = x.narrow(dim, index * block, min(block, x.shape[dim] - index * block))
+    return x
+
+
+def _crop(tile, part):
+    """tile without its padding: the corner of the shape of part."""
+    return tile[tuple(slice(0, n) for n in part.shape)]
+
+
+def _padded(x, blocks, value=0.0):
+    """One tile of x as a new contiguous tensor of the full block sizes, padded with value past x's end, so that
+    every tile has the same shape and strides (one compiled graph)."""
+    part = _part(x, blocks)
+    tile = x.new_full([blocks[d][1] if d in blocks else n for d, n in zip(range(-x.dim(), 0), x.shape)], value)
+    _crop(tile, part).copy_(part)
+    return tile
+
+
+class _Tiles:
+    """The inputs in the compute dtype, hidden-first, and the arguments of tile (i, j): views, or padded copies
+    when compiled."""
+
+    def __init__(self, inputs, widths, is_causal, block_l, block_s, compiled):
+        A, Bk, v, q_residual, k_residual, attn_mask, weights = inputs
+        compute = torch.promote_types(v.dtype, torch.float32)  # fp32 accumulation for half and bfloat16
+        self.L, self.S, self.widths, self.is_causal = A.shape[-2], Bk.shape[-2], widths, is_causal
+        self.block_l, self.block_s, self.compiled = block_l, block_s, compiled
+        self.cut = _padded if compiled else _part
+        self.A, self.Bk = A.movedim(-1, 0).to(compute), Bk.movedim(-1, 0).to(compute)  # (h1, ..., L), (h1, ..., S)
+        self.v, self.weights = v.to(compute), weights.to(compute)  # (..., S, Ev), (n,)
+        self.q_residual = None if q_residual is None else q_residual.to(compute)  # (..., L, E)
+        self.k_residual = None if k_residual is None else k_residual.to(compute)  # (..., S, E)
+        self.mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(compute)
+        self.count_l, count_s = -(-self.L // block_l), -(-self.S // block_s)
+        rows, cols = torch.meshgrid(torch.arange(self.count_l, device=v.device) * block_l,
+                                    torch.arange(count_s, device=v.device) * block_s, indexing="ij")  # (nbl, nbs)
+        self.offsets = torch.stack([rows, cols, torch.full_like(rows, self.S), torch.full_like(rows, is_causal)],
+                                   -1)  # (nbl, nbs, 4): first query row, first key, S, is_causal
+
+    def key_blocks(self, i):
+        """The key blocks that query block i sees: all, or (causal) those starting at or before its last row."""
+        stop = min(self.S, (i + 1) * self.block_l) if self.is_causal else self.S
+        return range(-(-stop // self.block_s))
+
+    def rows(self, i):
+        return (i, self.block_l)
+
+    def cols(self, j):
+        return (j, self.block_s)
+
+    def positions(self, i, j):
+        """Whether tile (i, j) masks by position: always when compiled (padding, one graph), else where it reaches
+        above the causal diagonal."""
+        return self.compiled or (self.is_causal and (j + 1) * self.block_s - 1 > i * self.block_l)
+
+    def mask_blocks(self, i, j):
+        """The blocks of the mask's last two dims for tile (i, j); a size-1 dim (broadcast) is not cut."""
+        return {dim: block for dim, block in ((-2, self.rows(i)), (-1, self.cols(j))) if self.mask.shape[dim] > 1}
+
+    def args(self, i, j):
+        """A (h1, ..., bl), Bk (h1, ..., bs), v (..., bs, Ev), weights, offsets (4,), the mask tile or None, and the
+        residual's q (..., bl, E), k (..., bs, E) or None."""
+        rows, cols = {-2: self.rows(i)}, {-2: self.cols(j)}
+        mask = None if self.mask is None else self.cut(self.mask, self.mask_blocks(i, j))  # (..., bl|1, bs|1)
+        return (self.cut(self.A, {-1: self.rows(i)}), self.cut(self.Bk, {-1: self.cols(j)}), self.cut(self.v, cols),
+                self.weights, self.offsets[i, j], mask,
+                None if self.q_residual is None else self.cut(self.q_residual, rows),
+                None if self.k_residual is None else self.cut(self.k_residual, cols))
+
+
+class ChunkedNeuralAttention(torch.autograd.Function):
+    """out = softmax(MLP(act(A_i + Bk_j)) [+ q_i . k_j] + mask) v, walked tile by tile; saves the logsumexp.
+
+    Takes the seven TileInputs, then the MLP widths after its split layer, the activation's name, is_causal, the
+    block sizes, and whether to compile the tile steps.
+    """
+
+    @staticmethod
+    def forward(ctx, A, Bk, v, q_residual, k_residual, attn_mask, weights, widths, activation, is_causal, block_l,
+                block_s, compiled):
+        inputs = (A, Bk, v, q_residual, k_residual, attn_mask, weights)
+        tiles = _Tiles(inputs, widths, is_causal, block_l, block_s, compiled)
+        out = torch.zeros(*v.shape[:-2], tiles.L, v.shape[-1], dtype=tiles.v.dtype, device=v.device)  # (..., L, Ev)
+        logsumexp = torch.zeros(out.shape[:-1], dtype=out.dtype, device=v.device)  # (..., L)
+        step = _steps(compiled)[0]
+        for i in range(tiles.count_l):
+            out_rows = _part(out, {-2: tiles.rows(i)})  # (..., <= bl, Ev)
+            shape = (*v.shape[:-2], block_l if compiled else out_rows.shape[-2])
+            row_max = torch.full(shape, -math.inf, dtype=out.dtype, device=v.device)  # m_i  (..., bl)
+            row_sum = torch.zeros_like(row_max)  # l_i  (..., bl)
+            acc = torch.zeros(*shape, v.shape[-1], dtype=out.dtype, device=v.device)  # (..., bl, Ev)
+            for j in tiles.key_blocks(i):
+                row_max, row_sum, acc = _run(compiled, "forward", step, *tiles.args(i, j), row_max, row_sum, acc,
+                                             widths=widths, activation=activation, positions=tiles.positions(i, j))
+            has_keys = row_sum > 0  # a row with every key masked outputs zeros
+            out_rows.copy_(_crop(acc / torch.where(has_keys, row_sum, 1.0).unsqueeze(-1), out_rows))
+            lse_rows = _part(logsumexp, {-1: tiles.rows(i)})
+            lse_rows.copy_(_crop(torch.where(has_keys, row_max + torch.log(row_sum), -math.inf), lse_rows))
+        ctx.save_for_backward(*inputs, out, logsumexp)
+        ctx.options = widths, activation, is_causal, block_l, block_s, compiled
+        ctx.backend = "compiled" if compiled else "chunked"
+        return out.to(v.dtype)
+
+    @staticmethod
+    @first_order_backward
+    def backward(ctx, grad_out):
+        *inputs, out, logsumexp = ctx.saved_tensors
+        widths, activation, is_causal, block_l, block_s, compiled = ctx.options
+        tiles = _Tiles(inputs, widths, is_causal, block_l, block_s, compiled)
+        grad_out = grad_out.to(out.dtype)  # (..., L, Ev)
+        delta = (grad_out * out).sum(dim=-1)  # D_i = dO_i . O_i  (..., L)
+        safe_lse = torch.where(torch.isfinite(logsumexp), logsumexp, math.inf)  # rows with no key: P = 0
+        mask_grad = tiles.mask is not None and ctx.needs_input_grad[5]
+        grads = [None if t is None else torch.zeros(t.shape, dtype=out.dtype, device=out.device) for t in (
+            tiles.A, tiles.Bk, tiles.v, tiles.weights, tiles.mask if mask_grad else None, tiles.q_residual,
+            tiles.k_residual)]
+        step = _steps(compiled)[1]
+        for i in range(tiles.count_l):
+            rows = tiles.rows(i)
+            row_tiles = (tiles.cut(grad_out, {-2: rows}), tiles.cut(delta, {-1: rows}),
+                         _padded(safe_lse, {-1: rows}, math.inf) if compiled else _part(safe_lse, {-1: rows}))
+            for j in tiles.key_blocks(i):  # padded rows: dO = 0, D = 0, P = 0
+                tile_grads = _run(compiled, "backward", step, *tiles.args(i, j), *row_tiles, widths=widths,
+                                  activation=activation, positions=tiles.positions(i, j), mask_grad=mask_grad)
+                cols = tiles.cols(j)
+                blocks = ({-1: rows}, {-1: cols}, {-2: cols}, {}, mask_grad and tiles.mask_blocks(i, j),
+                          {-2: rows}, {-2: cols})  # where each tile gradient adds to
+                for grad, tile_grad, block in zip(grads, tile_grads, blocks):
+                    if grad is not None:
+                        part = _part(grad, block)
+                        part += _crop(tile_grad, part)
+        A, Bk, v, q_residual, k_residual, attn_mask, weights = inputs
+        grad_A, grad_Bk, grad_v, grad_weights, grad_mask, grad_q, grad_k = grads
+        return (grad_A.movedim(0, -1).to(A.dtype), grad_Bk.movedim(0, -1).to(Bk.dtype), grad_v.to(v.dtype),
+                None if grad_q is None else grad_q.to(q_residual.dtype),
+                None if grad_k is None else grad_k.to(k_residual.dtype),
+                None if grad_mask is None else grad_mask.to(attn_mask.dtype), grad_weights.to(weights.dtype),
+                None, None, None, None, None, None)
+
+
+def chunked_neural_attention(q, k, v, score, attn_mask=None, *, is_causal=False, block_l=None, block_s=None):
+    """neural_attention(..., backend="chunked"): the reference's results and gradients in O(L + S) memory.
 
     q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev), masks as in neural_attention (which validates
     the tensors and dispatches here). block_l / block_s: query / key rows per tile (default: default_block_size).
     """
     check_block_sizes(block_l, block_s)
-    A, Bk, v, q_dot, k_dot, attn_mask, rest_params = split_inputs(q, k, v, score, attn_mask)
-    default = default_block_size(math.prod(v.shape[:-2]), max(score.hidden), A.shape[-2], Bk.shape[-2])
-    return ChunkedNeuralAttention.apply(A, Bk, v, q_dot, k_dot, attn_mask, is_causal, score.activation,
-                                        block_l or default, block_s or default, *rest_params)
+    inputs, widths = split_inputs(q, k, v, score, attn_mask)
+    L, S = inputs.A.shape[-2], inputs.Bk.shape[-2]
+    default = default_block_size(math.prod(inputs.v.shape[:-2]), max(widths[:-1]), L, S)
+    return ChunkedNeuralAttention.apply(*inputs, widths, score.activation, is_causal, block_l or default,
+                                        block_s or default, False)
+
+
+def compiled_neural_attention(q, k, v, score, attn_mask=None, *, is_causal=False, block_l=None, block_s=None):
+    """neural_attention(..., backend="compiled"): chunked's results and memory with each tile step compiled.
+
+    q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev). block_l / block_s: query / key rows per tile
+    (default: compiled_block_size); each new value compiles again. Raises CompileError if torch.compile fails.
+    """
+    check_block_sizes(block_l, block_s)
+    inputs, widths = split_inputs(q, k, v, score, attn_mask)
+    L, S = inputs.A.shape[-2], inputs.Bk.shape[-2]
+    default = compiled_block_size(math.prod(inputs.v.shape[:-2]), max(L, S))
+    return ChunkedNeuralAttention.apply(*inputs, widths, score.activation, is_causal, block_l or default,
+                                        block_s or default, L > 0 and S > 0)  # empty: no tile to compile

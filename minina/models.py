@@ -1,7 +1,7 @@
 """The two models of the paper's experiments: a GPT-style language model and a Vision Transformer.
 
-`attention` chooses the kind per block: "dot", "neural", "hybrid" (neural in the first block only, the paper's
-setting) or a list with one kind per block.
+`kind` chooses the attention of each block: "dot", "neural", "hybrid" (neural in the first block only, the paper's
+setting) or a list with one kind per block. proj_dim and score_options reach the neural blocks only.
 """
 import torch
 import torch.nn as nn
@@ -9,34 +9,21 @@ import torch.nn.functional as F
 
 from .modules import KINDS, Block
 
-ATTENTIONS = KINDS + ("hybrid",)  # what `attention` may name: a kind for every block, or hybrid
+MODEL_KINDS = KINDS + ("hybrid",)  # what a model's `kind` may name: a kind for every block, or hybrid
 
 
-def block_kinds(attention, depth):
-    """The attention kind of each of `depth` blocks."""
-    if isinstance(attention, str):
-        if attention == "hybrid":
+def block_kinds(kind, depth):
+    """The attention kind of each of `depth` blocks, from a model's kind (see MODEL_KINDS) or list of kinds."""
+    if isinstance(kind, str):
+        if kind == "hybrid":
             return ["neural"] + ["dot"] * (depth - 1)
-        if attention in KINDS:
-            return [attention] * depth
-        raise ValueError(f"attention must be one of {ATTENTIONS} or a list of kinds, got {attention!r}")
-    kinds = list(attention)
-    if len(kinds) != depth or any(kind not in KINDS for kind in kinds):
-        raise ValueError(f"attention as a list needs {depth} entries from {KINDS}, got {kinds!r}")
+        if kind in KINDS:
+            return [kind] * depth
+        raise ValueError(f"kind must be one of {MODEL_KINDS} or a list of kinds, got {kind!r}")
+    kinds = list(kind)
+    if len(kinds) != depth or any(entry not in KINDS for entry in kinds):
+        raise ValueError(f"kind as a list needs {depth} entries from {KINDS}, got {kinds!r}")
     return kinds
-
-
-NEURAL_ONLY_OPTIONS = ("proj_dim", "score_options")
-
-
-def build_blocks(kinds, dim, heads, causal, mlp_ratio, dropout, attention_options):
-    """One Block per kind; the neural score's options (proj_dim, score_options) reach only the neural blocks."""
-    def options(kind):
-        if kind == "neural":
-            return attention_options
-        return {name: value for name, value in attention_options.items() if name not in NEURAL_ONLY_OPTIONS}
-    return nn.ModuleList(Block(dim, heads, kind, causal=causal, mlp_ratio=mlp_ratio, dropout=dropout,
-                               **options(kind)) for kind in kinds)
 
 
 def next_token_loss(logits, targets, reduction="mean"):
@@ -60,17 +47,23 @@ def _init_transformer(model):
 
 
 class TransformerLM(nn.Module):
-    """Decoder-only causal language model: tokens (B, T) -> next-token logits (B, T, vocab_size)."""
+    """Decoder-only causal language model: tokens (B, T) -> next-token logits (B, T, vocab_size).
 
-    def __init__(self, vocab_size, dim, depth, heads, max_seq_len, attention="dot", mlp_ratio=4, dropout=0.0,
-                 **attention_options):
+    kind: "dot", "neural", "hybrid" or one kind per block (block_kinds); head_dim, proj_dim, backend and
+    score_options are MultiHeadAttention's, given to every block (a dot block ignores proj_dim and score_options).
+    """
+
+    def __init__(self, vocab_size, dim, depth, heads, max_seq_len, kind="dot", mlp_ratio=4, dropout=0.0,
+                 head_dim=None, proj_dim=None, backend="auto", score_options=None):
         super().__init__()
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
-        self.kinds = block_kinds(attention, depth)
+        self.kinds = block_kinds(kind, depth)
         self.token_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
         self.drop = nn.Dropout(dropout)
-        self.blocks = build_blocks(self.kinds, dim, heads, True, mlp_ratio, dropout, attention_options)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, block_kind, is_causal=True, mlp_ratio=mlp_ratio, dropout=dropout, head_dim=head_dim,
+                  proj_dim=proj_dim, backend=backend, score_options=score_options) for block_kind in self.kinds)
         self.ln_out = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         _init_transformer(self)
@@ -134,21 +127,26 @@ class TransformerLM(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT (Dosovitskiy et al. 2021): patches + class token -> blocks -> class logits; (B, C, H, W) -> (B, classes)."""
+    """ViT (Dosovitskiy et al. 2021): patches + class token -> blocks -> class logits; (B, C, H, W) -> (B, classes).
 
-    def __init__(self, image_size, patch_size, num_classes, dim, depth, heads, channels=3, attention="dot",
-                 mlp_ratio=4, dropout=0.0, **attention_options):
+    kind, head_dim, proj_dim, backend and score_options as for TransformerLM.
+    """
+
+    def __init__(self, image_size, patch_size, num_classes, dim, depth, heads, channels=3, kind="dot",
+                 mlp_ratio=4, dropout=0.0, head_dim=None, proj_dim=None, backend="auto", score_options=None):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
         self.image_size, self.channels = image_size, channels
-        self.kinds = block_kinds(attention, depth)
+        self.kinds = block_kinds(kind, depth)
         num_patches = (image_size // patch_size) ** 2
         self.patch_emb = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_emb = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
         self.drop = nn.Dropout(dropout)
-        self.blocks = build_blocks(self.kinds, dim, heads, False, mlp_ratio, dropout, attention_options)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, block_kind, is_causal=False, mlp_ratio=mlp_ratio, dropout=dropout, head_dim=head_dim,
+                  proj_dim=proj_dim, backend=backend, score_options=score_options) for block_kind in self.kinds)
         self.ln_out = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         _init_transformer(self)

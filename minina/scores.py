@@ -85,17 +85,17 @@ class NeuralScore(nn.Module):
             logits = logits + (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (..., L, S)
         return logits
 
-    def split(self, q, k, dot_term=False):
+    def split(self, q, k, residual_term=False):
         """Split the first layer over the concatenation, for backends that never build the pair tensor.
 
         W1 [a; b] + c = (W1_q a + c) + W1_k b, so the first hidden layer of pair (i, j) is act(A_i + Bk_j) with
         A = W1_q q_proj(q) + c of shape (..., L, hidden[0]) and Bk = W1_k k_proj(k) of shape (..., S, hidden[0]).
         Returns (A, Bk, rest): rest is the list of (weight, bias) of the remaining linear layers. A backend that
-        adds the residual dot product passes dot_term=True and gets (A, Bk, rest, dot): dot is
+        adds the residual term passes residual_term=True and gets (A, Bk, rest, residual): residual is
         (q / sqrt(head_dim), k), whose pair products the score adds, or None without residual=True; other backends
         cannot take residual scores.
         """
-        if self.residual and not dot_term:
+        if self.residual and not residual_term:
             raise ValueError("NeuralScore(residual=True) adds q . k / sqrt(head_dim) to the MLP, which this backend "
                              "does not implement; use one of minina's backends")
         first, *rest = self.linears()
@@ -103,6 +103,6 @@ class NeuralScore(nn.Module):
         A = self.q_proj(q) @ w_q.T + first.bias  # (..., L, h1)
         Bk = self.k_proj(k) @ w_k.T  # (..., S, h1)
         rest = [(layer.weight, layer.bias) for layer in rest]
-        if not dot_term:
+        if not residual_term:
             return A, Bk, rest
         return A, Bk, rest, ((q / math.sqrt(self.head_dim), k) if self.residual else None)

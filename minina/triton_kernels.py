@@ -7,13 +7,13 @@ keeps a running max m_i, running sum l_i and accumulator acc (online softmax). A
 in base 2: log2(e) is folded into the MLP's last layer, so the kernels compute s2 = s log2(e) and use exp2. The
 base-2 logsumexp of every row is saved; the backward recomputes each tile from it.
 
-The first MLP layer is split over the concatenation (NeuralScore.split): A = W1_q q_proj(q) + c (B, H, L, h1) and
-Bk = W1_k k_proj(k) (B, H, S, h1) are computed in PyTorch, so the kernels only see the pair hidden layer
-act(A_i + Bk_j) and the remaining layers (h1 -> h2 -> 1). Autograd carries dA and dBk back into q, k and the
-projections. A residual score (NeuralScore(residual=True)) also adds q_i . k_j / sqrt(E): split() hands over
-(q / sqrt(E), k), and the kernels add it as FlashAttention computes its logits, one tile product q k^T per tile
-(constexpr HAS_DOT, so scores without it compile as before), with dS K and dS^T Q in the backward; autograd
-carries those through the 1 / sqrt(E).
+The first MLP layer is split over the concatenation (minina.tiles.split_inputs, the TileInputs that the chunked
+backends take too): A = W1_q q_proj(q) + c (B, H, L, h1) and Bk = W1_k k_proj(k) (B, H, S, h1) are computed in
+PyTorch, so the kernels only see the pair hidden layer act(A_i + Bk_j) and the remaining layers (h1 -> h2 -> 1).
+Autograd carries dA and dBk back into q, k and the projections. A residual score (NeuralScore(residual=True))
+also adds q_i . k_j / sqrt(E): the tile inputs hold (q / sqrt(E), k), and the kernels add it as FlashAttention
+computes its logits, one tile product q k^T per tile (constexpr HAS_RESIDUAL, so scores without it compile as
+before), with dS K and dS^T Q in the backward; autograd carries those through the 1 / sqrt(E).
 
 Supported: CUDA tensors in fp32, fp16 and bf16 (bf16 needs compute capability >= 8.0: Triton cannot compile bf16
 for older GPUs such as the T4, so there it is refused and "auto" falls back to chunked); A may be fp32 while Bk and
@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import first_order_backward
+from .tiles import first_order_backward, split_inputs
 
 KERNEL_ACTIVATIONS = ("relu", "gelu")  # names of minina.activations.ACTIVATIONS that _activation implements
 MAX_HIDDEN = (16, 16)  # widest (h1, h2): the paper's (P, P // 2) up to P = 16, and a little beyond
@@ -61,7 +61,7 @@ AUTOTUNE_CONFIGS = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_
 # (ptxas -v shows how much), most in the backward kernels; autotuning times the spilling configs out.
 TILE_REGISTERS = 32
 # what the autotuner keys on; Triton adds every tensor's dtype
-TUNING_KEY = ["L", "S", "E", "EV", "H1", "H2", "GELU", "MASK_KIND", "IS_CAUSAL", "HAS_DOT"]
+TUNING_KEY = ["L", "S", "E", "EV", "H1", "H2", "GELU", "MASK_KIND", "IS_CAUSAL", "HAS_RESIDUAL"]
 
 
 def _fits(config, h1_padded):
@@ -162,7 +162,7 @@ def _load_tile(X, rows, n, cols, width, stride_row, stride_col):
 
 
 @triton.jit
-def _dot_logits(q, k):
+def _residual_logits(q, k):
     """The residual score's term q_i . k_j / sqrt(E) of a tile (q arrives divided by sqrt(E)), in the base-2 units
     of s: FlashAttention's q k^T tile, (BLOCK_M, BLOCK_E) x (BLOCK_N, BLOCK_E) -> (BLOCK_M, BLOCK_N)."""
     return tl.dot(q, tl.trans(k), input_precision="ieee") * 1.4426950408889634  # log2(e)
@@ -179,10 +179,10 @@ def _forward_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, Out, Lse,
                     stride_ob, stride_oh, stride_om, stride_od,
                     heads, L, S, H1, E, EV,
                     H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr, GELU: tl.constexpr,
-                    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOT: tl.constexpr,
+                    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head); out = softmax(s) V over all key blocks, and logsumexp.
-    HAS_DOT (a residual score): s also gets q_i . k_j from Q = q / sqrt(E) (B, H, L, E) and K = k (B, H, S, E)."""
+    HAS_RESIDUAL (a residual score): s also gets q_i . k_j from Q = q / sqrt(E) (B, H, L, E) and K = k (B, H, S, E)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 from here on: a length times a stride may pass 2^31
     blocks_m = tl.cdiv(L, BLOCK_M)
     start_m, off_bh = pid % blocks_m, pid // blocks_m  # query blocks vary fastest: a head's programs run together
@@ -196,7 +196,7 @@ def _forward_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, Out, Lse,
     offs_u, offs_d, offs_c, offs_e = tl.arange(0, H1P), tl.arange(0, BLOCK_D), tl.arange(0, H2P), tl.arange(0, BLOCK_E)
     w2, b2, w3, b3 = _load_weights(W2, B2, W3, B3, H1P, H2P)
     a = _load_tile(A, offs_m, L, offs_u, H1, stride_am, stride_au).to(tl.float32)  # (BLOCK_M, H1P)
-    if HAS_DOT:  # the residual score's queries, loaded once like A
+    if HAS_RESIDUAL:  # the residual score's queries, loaded once like A
         Q += off_b * stride_qb + off_h * stride_qh
         K += off_b * stride_kb + off_h * stride_kh
         q = _load_tile(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
@@ -208,8 +208,8 @@ def _forward_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, Out, Lse,
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
         bk = _load_tile(Bk, offs_n, S, offs_u, H1, stride_bn, stride_bu).to(tl.float32)  # (BLOCK_N, H1P)
         s, _, _, _ = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, False)
-        if HAS_DOT:  # s_ij += q_i . k_j / sqrt(E)
-            s += _dot_logits(q, _load_tile(K, offs_n, S, offs_e, E, stride_kn, stride_ke))
+        if HAS_RESIDUAL:  # s_ij += q_i . k_j / sqrt(E)
+            s += _residual_logits(q, _load_tile(K, offs_n, S, offs_e, E, stride_kn, stride_ke))
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i' = max(m_i, max_j s_ij)
@@ -239,9 +239,9 @@ def _backward_keys_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta
                           stride_ob, stride_oh, stride_om, stride_od,
                           heads, L, S, H1, E, EV,
                           H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr, GELU: tl.constexpr,
-                          MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOT: tl.constexpr,
+                          MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: BLOCK_N keys of one (batch, head); loops over query blocks for dV_j and dBk_j (and, HAS_DOT,
+    """One program: BLOCK_N keys of one (batch, head); loops over query blocks for dV_j and dBk_j (and, HAS_RESIDUAL,
     the residual term's dK_j in base 2: the host multiplies it by log2(e))."""
     pid = tl.program_id(0).to(tl.int64)  # int64 from here on: a length times a stride may pass 2^31
     blocks_n = tl.cdiv(S, BLOCK_N)
@@ -259,7 +259,7 @@ def _backward_keys_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta
     v = _load_tile(V, offs_n, S, offs_d, EV, stride_vn, stride_vd)  # (BLOCK_N, BLOCK_D)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dbk = tl.zeros([BLOCK_N, H1P], dtype=tl.float32)
-    if HAS_DOT:  # the residual score's keys, loaded once like Bk
+    if HAS_RESIDUAL:  # the residual score's keys, loaded once like Bk
         Q += off_b * stride_qb + off_h * stride_qh
         K += off_b * stride_kb + off_h * stride_kh
         k = _load_tile(K, offs_n, S, offs_e, E, stride_kn, stride_ke)  # (BLOCK_N, BLOCK_E)
@@ -272,9 +272,9 @@ def _backward_keys_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta
         lse = tl.load(Lse + off_bh * L + offs_m, mask=offs_m < L, other=float("inf"))  # (BLOCK_M,) base 2
         delta = tl.load(Delta + off_bh * L + offs_m, mask=offs_m < L, other=0.0)  # (BLOCK_M,) rowsum(dO * O)
         s, _, _, ds_du = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, True)
-        if HAS_DOT:
+        if HAS_RESIDUAL:
             q = _load_tile(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
-            s += _dot_logits(q, k)  # s_ij += q_i . k_j / sqrt(E)
+            s += _residual_logits(q, k)  # s_ij += q_i . k_j / sqrt(E)
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse[:, None])  # the forward's softmax weights, recomputed
@@ -283,13 +283,13 @@ def _backward_keys_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, Delta
         # softmax backward, ds_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij'), times ln 2: the gradient of the base-2 s
         ds = p * (dp - delta[:, None]) * 0.6931471805599453
         dbk += tl.sum(ds[:, :, None] * ds_du, axis=0)  # dBk_j = sum_i ds_ij ds_ij/du_ij
-        if HAS_DOT:  # dK_j = sum_i ds_ij q_i, as FlashAttention's dS^T Q
+        if HAS_RESIDUAL:  # dK_j = sum_i ds_ij q_i, as FlashAttention's dS^T Q
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
     key_rows = offs_n[:, None] < S
     tl.store(DV + off_bh * S * EV + offs_n[:, None] * EV + offs_d[None, :], dv, mask=key_rows & (offs_d[None, :] < EV))
     tl.store(DBk + off_bh * S * H1 + offs_n[:, None] * H1 + offs_u[None, :], dbk,
              mask=key_rows & (offs_u[None, :] < H1))
-    if HAS_DOT:
+    if HAS_RESIDUAL:
         tl.store(DK + off_bh * S * E + offs_n[:, None] * E + offs_e[None, :], dk, mask=key_rows & (offs_e[None, :] < E))
 
 
@@ -304,10 +304,10 @@ def _backward_queries_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, De
                              stride_ob, stride_oh, stride_om, stride_od,
                              heads, L, S, H1, E, EV,
                              H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr, GELU: tl.constexpr,
-                             MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOT: tl.constexpr,
+                             MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                              BLOCK_D: tl.constexpr):
-    """One program: BLOCK_M queries of one (batch, head); loops over key blocks for dA_i (HAS_DOT: and dQ_i, in
+    """One program: BLOCK_M queries of one (batch, head); loops over key blocks for dA_i (HAS_RESIDUAL: and dQ_i, in
     base 2 as dK) and this program's partial sums of the MLP parameter gradients (summed over programs in PyTorch,
     so no races)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 from here on: a length times a stride may pass 2^31
@@ -331,7 +331,7 @@ def _backward_queries_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, De
     d_b2 = tl.zeros([H2P], dtype=tl.float32)
     d_w3 = tl.zeros([H2P], dtype=tl.float32)
     d_b3 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_DOT:  # the residual score's queries, loaded once like A
+    if HAS_RESIDUAL:  # the residual score's queries, loaded once like A
         Q += off_b * stride_qb + off_h * stride_qh
         K += off_b * stride_kb + off_h * stride_kh
         q = _load_tile(Q, offs_m, L, offs_e, E, stride_qm, stride_qe)  # (BLOCK_M, BLOCK_E)
@@ -342,16 +342,16 @@ def _backward_queries_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, De
         bk = _load_tile(Bk, offs_n, S, offs_u, H1, stride_bn, stride_bu).to(tl.float32)  # (BLOCK_N, H1P)
         v = _load_tile(V, offs_n, S, offs_d, EV, stride_vn, stride_vd)  # (BLOCK_N, BLOCK_D)
         s, h, z, ds_du = _pair_logits(a[:, None, :] + bk[None, :, :], w2, b2, w3, b3, offs_c, H2, GELU, True)
-        if HAS_DOT:
+        if HAS_RESIDUAL:
             k = _load_tile(K, offs_n, S, offs_e, E, stride_kn, stride_ke)  # (BLOCK_N, BLOCK_E)
-            s += _dot_logits(q, k)  # s_ij += q_i . k_j / sqrt(E)
+            s += _residual_logits(q, k)  # s_ij += q_i . k_j / sqrt(E)
         mask_ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s = _masked(s, offs_m, offs_n, L, S, mask_ptrs, MASK_KIND, IS_CAUSAL)  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None]) * 0.6931471805599453  # gradient of the base-2 logits, as in the keys kernel
         da += tl.sum(ds[:, :, None] * ds_du, axis=1)  # dA_i = sum_j ds_ij ds_ij/du_ij
-        if HAS_DOT:  # dQ_i = sum_j ds_ij k_j, as FlashAttention's dS K
+        if HAS_RESIDUAL:  # dQ_i = sum_j ds_ij k_j, as FlashAttention's dS K
             dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
         tile_w2, tile_b2, tile_w3 = _parameter_grads(ds, h, z, w3, offs_c, H2, GELU)
         d_w2 += tile_w2
@@ -361,7 +361,7 @@ def _backward_queries_kernel(A, Bk, Q, K, V, Mask, W2, B2, W3, B3, DOut, Lse, De
     query_rows = offs_m[:, None] < L
     tl.store(DA + off_bh * L * H1 + offs_m[:, None] * H1 + offs_u[None, :], da,
              mask=query_rows & (offs_u[None, :] < H1))
-    if HAS_DOT:
+    if HAS_RESIDUAL:
         tl.store(DQ + off_bh * L * E + offs_m[:, None] * E + offs_e[None, :], dq,
                  mask=query_rows & (offs_e[None, :] < E))
     tl.store(DW2 + pid * H2P * H1P + offs_c[:, None] * H1P + offs_u[None, :], d_w2)
@@ -402,53 +402,72 @@ def _padded_parameters(w2, b2, w3, b3):
     return W2, B2, W3, (b3.float() * LOG2E).contiguous()
 
 
-def _pointers_and_strides(A, Bk, q_dot, k_dot, v, mask):
+def _pointers_and_strides(A, Bk, q_residual, k_residual, v, mask):
     """The kernels' first six tensors (A, Bk, Q, K, V, Mask) and their 24 strides, A and stride 0 standing in for
     the absent ones (no residual score, no mask), which the kernels never read."""
-    tensors = (A, Bk, q_dot, k_dot, v, mask)
+    tensors = (A, Bk, q_residual, k_residual, v, mask)
     strides = [stride for t in tensors for stride in (t.stride() if t is not None else (0, 0, 0, 0))]
     return [A if t is None else t for t in tensors], strides
 
 
-class TritonNeuralAttention(torch.autograd.Function):
-    """The kernels as an autograd Function of (A, Bk), the residual score's (q / sqrt(E), k), v and the MLP layers
-    after the split one.
+def _as_batch_heads(t, heads):
+    """t (..., n, width) viewed as (B, H, n, width): leading batch dims merged, no copy when 4-d."""
+    return t.reshape(math.prod(t.shape[:-3]), heads, *t.shape[-2:])  # (B, H, n, width)
 
-    A (B, H, L, h1), Bk (B, H, S, h1), q_dot (B, H, L, E) and k_dot (B, H, S, E) or both None, v (B, H, S, Ev), any
-    strides; w2 (h2, h1), b2 (h2,), w3 (1, h2), b3 (1,); mask None, uint8 (nonzero = may attend) or float (added),
-    broadcast to (B, H, L, S) -> out (B, H, L, Ev). config: a triton.Config with BLOCK_M and BLOCK_N, or None to
-    autotune.
+
+def _unpacked(weights, widths):
+    """w2 (h2, h1), b2 (h2,), w3 (1, h2), b3 (1,): views of the flat weights of the layers after the split one."""
+    h1, h2, _ = widths
+    w2, b2, w3, b3 = weights.split([h2 * h1, h2, h2, 1])
+    return w2.view(h2, h1), b2, w3, b3
+
+
+class TritonNeuralAttention(torch.autograd.Function):
+    """The kernels as an autograd Function of the TileInputs (minina.tiles), which it takes in their order, then the
+    MLP widths (h1, h2, 1), the activation's name, is_causal and config: a triton.Config with BLOCK_M and BLOCK_N,
+    or None to autotune. Batch dims are merged into (B, H) for the kernels and restored for the gradients.
     """
 
     @staticmethod
-    def forward(ctx, A, Bk, q_dot, k_dot, v, w2, b2, w3, b3, mask, is_causal, gelu, config):
-        batch, heads, L, h1 = A.shape
-        S, value_dim = v.shape[-2:]
-        head_dim = 0 if q_dot is None else q_dot.shape[-1]
-        out = torch.empty(batch, heads, L, value_dim, dtype=v.dtype, device=v.device)  # (B, H, L, Ev)
-        lse = torch.empty(batch * heads, L, dtype=torch.float32, device=v.device)  # (B*H, L)
+    def forward(ctx, A, Bk, v, q_residual, k_residual, attn_mask, weights, widths, activation, is_causal, config):
+        heads = v.shape[-3] if v.dim() > 2 else 1
+        batch, L, S, value_dim = v.shape[:-2], A.shape[-2], v.shape[-2], v.shape[-1]
+        w2, b2, w3, b3 = _unpacked(weights, widths)
+        q4, k4 = (None, None) if q_residual is None else (_as_batch_heads(q_residual, heads),
+                                                          _as_batch_heads(k_residual, heads))  # (B, H, L|S, E)
+        A4, Bk4, v4 = _as_batch_heads(A, heads), _as_batch_heads(Bk, heads), _as_batch_heads(v, heads)
+        mask = None
+        if attn_mask is not None:  # the kernels read a bool mask as uint8, nonzero = may attend
+            mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+            mask = _as_batch_heads(mask.expand(*batch, L, S), heads)  # (B, H, L, S), stride 0 where broadcast
+        B, head_dim = A4.shape[0], 0 if q4 is None else q4.shape[-1]
+        out = torch.empty(B, heads, L, value_dim, dtype=v.dtype, device=v.device)  # (B, H, L, Ev)
+        lse = torch.empty(B * heads, L, dtype=torch.float32, device=v.device)  # (B*H, L)
         mask_kind = NO_MASK if mask is None else BOOL_MASK if mask.dtype == torch.uint8 else FLOAT_MASK
-        shared = dict(H1P=triton.next_power_of_2(h1), H2=w2.shape[0], H2P=triton.next_power_of_2(w2.shape[0]),
-                      GELU=gelu, MASK_KIND=mask_kind, IS_CAUSAL=is_causal, HAS_DOT=q_dot is not None,
+        shared = dict(H1P=triton.next_power_of_2(widths[0]), H2=widths[1], H2P=triton.next_power_of_2(widths[1]),
+                      GELU=activation == "gelu", MASK_KIND=mask_kind, IS_CAUSAL=is_causal, HAS_RESIDUAL=q4 is not None,
                       BLOCK_E=max(16, triton.next_power_of_2(head_dim)),
                       BLOCK_D=max(16, triton.next_power_of_2(value_dim)))
-        pointers, strides = _pointers_and_strides(A, Bk, q_dot, k_dot, v, mask)
-        _launch(_forward_kernel, config, L, "BLOCK_M", batch * heads,
+        pointers, strides = _pointers_and_strides(A4, Bk4, q4, k4, v4, mask)
+        _launch(_forward_kernel, config, L, "BLOCK_M", B * heads,
                 *pointers, *_padded_parameters(w2, b2, w3, b3), out, lse, *strides, *out.stride(),
-                heads, L, S, h1, head_dim, value_dim, **shared)
-        ctx.save_for_backward(A, Bk, q_dot, k_dot, v, w2, b2, w3, b3, mask, out, lse)
-        ctx.shared, ctx.config = shared, config
-        return out
+                heads, L, S, widths[0], head_dim, value_dim, **shared)
+        ctx.save_for_backward(A4, Bk4, q4, k4, v4, weights, mask, out, lse)
+        ctx.shared, ctx.config, ctx.widths, ctx.shapes = shared, config, widths, (A.shape, Bk.shape, v.shape)
+        ctx.backend = "triton"
+        return out.reshape(*batch, L, value_dim)  # (..., L, Ev)
 
     @staticmethod
-    @first_order_backward("triton")  # the kernels have no backward of their own
+    @first_order_backward  # the kernels have no backward of their own
     def backward(ctx, d_out):
-        A, Bk, q_dot, k_dot, v, w2, b2, w3, b3, mask, out, lse = ctx.saved_tensors
-        shared, config = ctx.shared, ctx.config
-        batch, heads, L, h1 = A.shape
+        A, Bk, q_residual, k_residual, v, weights, mask, out, lse = ctx.saved_tensors
+        shared, config, (h1, h2, _) = ctx.shared, ctx.config, ctx.widths
+        w2, b2, w3, b3 = _unpacked(weights, ctx.widths)
+        batch, heads, L, _ = A.shape
         S, value_dim = v.shape[-2:]
-        head_dim = 0 if q_dot is None else q_dot.shape[-1]
-        h2, H1P, H2P = w2.shape[0], shared["H1P"], shared["H2P"]
+        d_out = d_out.reshape(out.shape)  # (B, H, L, Ev)
+        head_dim = 0 if q_residual is None else q_residual.shape[-1]
+        H1P, H2P = shared["H1P"], shared["H2P"]
         delta = (d_out.float() * out.float()).sum(-1).reshape(batch * heads, L)  # (B*H, L) rowsum(dO * O)
         smallest_m = min(c.kwargs["BLOCK_M"] for c in AUTOTUNE_CONFIGS) if config is None else config.kwargs["BLOCK_M"]
         programs = batch * heads * triton.cdiv(L, smallest_m)  # the most query programs any config launches
@@ -458,22 +477,24 @@ class TritonNeuralAttention(torch.autograd.Function):
         dv = torch.empty(batch, heads, S, value_dim, **fp32)
         partial_w2, partial_b2 = torch.zeros(programs, H2P, H1P, **fp32), torch.zeros(programs, H2P, **fp32)
         partial_w3, partial_b3 = torch.zeros(programs, H2P, **fp32), torch.zeros(programs, **fp32)
-        pointers, strides = _pointers_and_strides(A, Bk, q_dot, k_dot, v, mask)
+        pointers, strides = _pointers_and_strides(A, Bk, q_residual, k_residual, v, mask)
         inputs = (*pointers, *_padded_parameters(w2, b2, w3, b3), d_out, lse, delta)
         sizes = (heads, L, S, h1, head_dim, value_dim)
         _launch(_backward_keys_kernel, config, S, "BLOCK_N", batch * heads, *inputs, dBk, dk, dv,
                 *strides, *d_out.stride(), *sizes, **shared)
         _launch(_backward_queries_kernel, config, L, "BLOCK_M", batch * heads, *inputs, dA, dq,
                 partial_w2, partial_b2, partial_w3, partial_b3, *strides, *d_out.stride(), *sizes, **shared)
-        d_w2 = partial_w2.sum(0)[:h2, :h1].to(w2.dtype)  # deterministic: a fixed-order sum over programs
-        d_b2 = partial_b2.sum(0)[:h2].to(b2.dtype)
-        d_w3 = (partial_w3.sum(0)[:h2] * LOG2E).reshape(1, h2).to(w3.dtype)  # the kernels saw w3 log2(e)
-        d_b3 = (partial_b3.sum() * LOG2E).reshape(1).to(b3.dtype)
-        # the kernels' dot term is q . k log2(e), and dq, dk are its gradients in the base-2 logits
-        d_q_dot, d_k_dot = (None, None) if q_dot is None else ((dq * LOG2E).to(q_dot.dtype),
-                                                               (dk * LOG2E).to(k_dot.dtype))
-        return (dA.to(A.dtype), dBk.to(Bk.dtype), d_q_dot, d_k_dot, dv.to(v.dtype), d_w2, d_b2, d_w3, d_b3,
-                None, None, None, None)
+        d_weights = torch.cat([partial_w2.sum(0)[:h2, :h1].reshape(-1),  # deterministic: a fixed-order sum
+                               partial_b2.sum(0)[:h2],
+                               partial_w3.sum(0)[:h2] * LOG2E,  # the kernels saw w3 log2(e)
+                               (partial_b3.sum() * LOG2E).reshape(1)]).to(weights.dtype)
+        # the kernels' residual term is q . k log2(e), and dq, dk are its gradients in the base-2 logits
+        A_shape, Bk_shape, v_shape = ctx.shapes
+        d_q, d_k = (None, None) if q_residual is None else (
+            (dq * LOG2E).to(q_residual.dtype).reshape(*A_shape[:-1], head_dim),
+            (dk * LOG2E).to(k_residual.dtype).reshape(*Bk_shape[:-1], head_dim))
+        return (dA.to(A.dtype).reshape(A_shape), dBk.to(Bk.dtype).reshape(Bk_shape), dv.to(v.dtype).reshape(v_shape),
+                d_q, d_k, None, d_weights, None, None, None, None)
 
 
 def _interpreting():
@@ -537,13 +558,7 @@ def _launch_config(h1, block_m, block_n, num_warps, num_stages, device):
     return triton.Config(blocks, num_warps=num_warps or default.num_warps, num_stages=num_stages or default.num_stages)
 
 
-def _as_batch_heads(t, batch, tail):
-    """t broadcast to (*batch, *tail) and viewed as (B, H, *tail): leading batch dims merged, no copy when 4-d."""
-    heads = batch[-1] if batch else 1
-    return t.expand(*batch, *tail).reshape(math.prod(batch[:-1]), heads, *tail)  # (B, H, *tail)
-
-
-def triton_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, block_m=None, block_n=None,
+def triton_neural_attention(q, k, v, score, attn_mask=None, *, is_causal=False, block_m=None, block_n=None,
                             num_warps=None, num_stages=None):
     """Neural attention by the fused kernels: q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev).
 
@@ -552,19 +567,6 @@ def triton_neural_attention(q, k, v, score, attn_mask=None, is_causal=False, *, 
     AUTOTUNE_CONFIGS; block_m, block_n (powers of two, at least 16), num_warps and num_stages fix it instead.
     """
     _check_supported(q, v, score, attn_mask)
-    A, Bk, ((w2, b2), (w3, b3)), dot = score.split(q, k, dot_term=True)  # (..., L, h1), (..., S, h1)
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    L, S, E, h1 = q.shape[-2], k.shape[-2], q.shape[-1], A.shape[-1]
-    config = _launch_config(h1, block_m, block_n, num_warps, num_stages, q.device)
-    A = _as_batch_heads(A, batch, (L, h1))  # (B, H, L, h1)
-    Bk = _as_batch_heads(Bk, batch, (S, h1))  # (B, H, S, h1)
-    q_dot, k_dot = (None, None) if dot is None else (_as_batch_heads(dot[0], batch, (L, E)),  # (B, H, L, E)
-                                                     _as_batch_heads(dot[1], batch, (S, E)))  # (B, H, S, E)
-    values = _as_batch_heads(v, batch, v.shape[-2:])  # (B, H, S, Ev)
-    mask = None
-    if attn_mask is not None:
-        mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
-        mask = _as_batch_heads(mask, batch, (L, S))  # (B, H, L, S), stride 0 where broadcast
-    out = TritonNeuralAttention.apply(A, Bk, q_dot, k_dot, values, w2, b2, w3, b3, mask, bool(is_causal),
-                                      score.activation == "gelu", config)
-    return out.reshape(*batch, L, v.shape[-1])  # (..., L, Ev)
+    inputs, widths = split_inputs(q, k, v, score, attn_mask)
+    config = _launch_config(widths[0], block_m, block_n, num_warps, num_stages, q.device)
+    return TritonNeuralAttention.apply(*inputs, widths, score.activation, bool(is_causal), config)

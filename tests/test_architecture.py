@@ -7,7 +7,7 @@ import re
 import minina
 
 PACKAGE = pathlib.Path(minina.__file__).parent
-CORE = ("activations", "masks", "scores", "attention", "chunked", "compiled", "triton_kernels", "modules", "models")
+CORE = ("activations", "masks", "scores", "tiles", "attention", "chunked", "triton_kernels", "modules", "models")
 TOOLS = ("minina.tools", "minina.assignments")
 
 
@@ -78,3 +78,15 @@ def test_the_readme_architecture_section_matches_the_tree():
     files = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
              if path.parent.name != "assignments" and path.name not in ("__init__.py", "__main__.py")}
     assert named == files, f"README names {sorted(named - files)} that are gone, misses {sorted(files - named)}"
+
+
+def test_train_config_is_a_leaf_and_training_never_imports_the_study():
+    """TrainConfig is plain data: its module imports nothing of minina; what checks, parses and runs it imports it.
+    The study's options and hints stay in the study: nothing on the training path imports it."""
+    graph = import_graph()
+    assert graph["minina.tools.config"] == set()
+    assert "minina.tools.config" in graph["minina.tools.train"] and "minina.tools.config" in graph[
+        "minina.tools.train_flags"]
+    training = ("config", "train", "train_flags", "train_tasks", "checkpoint")
+    study = {"minina.tools.study", "minina.tools.candidates", "minina.tools.probes"}
+    assert {name: graph[f"minina.tools.{name}"] & study for name in training} == {name: set() for name in training}

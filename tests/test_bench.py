@@ -13,7 +13,7 @@ from minina.tools import bench
 
 
 def test_peak_memory_sees_the_reference_pair_tensor():
-    case = dict(n=512, heads=2, head_dim=64, proj_dim=2, causal=False, repeats=0, threads=1)
+    case = dict(n=512, heads=2, head_dim=64, proj_dim=2, is_causal=False, repeats=0, threads=1)
     reference = bench.measure_in_fresh_process(backend="reference", **case)
     chunked = bench.measure_in_fresh_process(backend="chunked", **case)
     pair_tensor_mib = 2 * 512 * 512 * (2 * 2) * 4 / 2 ** 20  # (B, H, N, N, 2P) float32, built in the forward
@@ -25,7 +25,7 @@ def test_peak_memory_sees_the_reference_pair_tensor():
 def test_peak_memory_without_proc_is_sampled_through_psutil():
     """Without Linux's /proc (macOS, Windows) the resident set is sampled through psutil: it still sees the pair
     tensor, in a fresh process as the benchmark runs every case."""
-    case = dict(backend="reference", n=512, heads=2, head_dim=64, proj_dim=2, causal=False, repeats=0, threads=1)
+    case = dict(backend="reference", n=512, heads=2, head_dim=64, proj_dim=2, is_causal=False, repeats=0, threads=1)
     code = ("import json, sys; from pathlib import Path; from minina.tools import bench\n"
             "bench.PROC_SELF = Path('/nonexistent')  # as on macOS and Windows\n"
             "print(json.dumps(bench.measure(**json.loads(sys.argv[1]))))")
@@ -38,7 +38,7 @@ def test_peak_memory_without_proc_is_sampled_through_psutil():
 def test_forward_pass_keeps_no_activations():
     """A "fwd" pass runs under no_grad: the reference still builds its pair tensor but keeps far less than for a
     backward."""
-    case = dict(n=512, heads=2, head_dim=64, proj_dim=2, causal=False, repeats=0, threads=1)
+    case = dict(n=512, heads=2, head_dim=64, proj_dim=2, is_causal=False, repeats=0, threads=1)
     forward = bench.measure_in_fresh_process(backend="reference", pass_="fwd", **case)
     both = bench.measure_in_fresh_process(backend="reference", pass_="fwd+bwd", **case)
     assert forward["peak_mib"] >= 2 * 512 * 512 * (2 * 2) * 4 / 2 ** 20  # the (B, H, N, N, 2P) float32 pairs
@@ -138,3 +138,35 @@ def test_check_runs_the_self_test_shipped_in_the_package(monkeypatch, tmp_path, 
     assert "  1 passed, 1 failed" in capsys.readouterr().out
     monkeypatch.setattr(triton_check, "gpu_checks", lambda device: [("sound", lambda: None)])
     assert bench.run_self_test("cpu", tmp_path)
+
+
+def test_backends_take_turns_in_one_process(monkeypatch):
+    """measure_alternating warms every backend up, then runs them in turn, round after round."""
+    calls = []
+    for name in ("sdpa", "chunked"):
+        attention = bench.CONTENDERS[name][0]
+        monkeypatch.setitem(bench.CONTENDERS, name, (lambda *args, name=name, f=attention: calls.append(name) or
+                                                     f(*args), ("cpu",)))
+    figures = bench.measure_alternating(["sdpa", "chunked"], 32, heads=2, repeats=3, threads=1)
+    assert calls == ["sdpa", "chunked"] + ["sdpa", "chunked"] * 3  # the warm-ups, then three rounds
+    for name in ("sdpa", "chunked"):
+        assert len(figures[name]["rounds"]) == 3
+        assert figures[name]["time_s"] == pytest.approx(sorted(figures[name]["rounds"])[1])
+
+
+def test_rounds_and_one_process_rows(tmp_path):
+    fresh = bench.benchmark(ns=[32], backends=["sdpa", "chunked"], heads=2, repeats=1, threads=1, rounds=2,
+                            progress=None)
+    assert [(row["backend"], row["rounds"], row["method"]) for row in fresh] == [
+        ("sdpa", 2, "a fresh process per case"), ("chunked", 2, "a fresh process per case")]
+    assert fresh[0]["time_vs_sdpa"] == 1.0 and fresh[1]["peak_mib"] is not None
+    same = bench.benchmark(ns=[32], backends=["sdpa", "chunked"], heads=2, repeats=3, threads=1, same_process=True,
+                           progress=None)
+    assert [(row["backend"], row["rounds"]) for row in same] == [("sdpa", 3), ("chunked", 3)]
+    assert all(row["peak_mib"] is None and row["memory_vs_sdpa"] is None for row in same)
+    assert same[0]["time_vs_sdpa"] == 1.0 and same[1]["time_vs_sdpa"] > 0
+    assert "| chunked | 32 |" in bench.timing_table(same)
+    bench.plot(same, tmp_path / "same.png")  # the time axis alone: no memory was measured
+    assert (tmp_path / "same.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="rounds must be a positive int"):
+        bench.benchmark(ns=[32], rounds=0)

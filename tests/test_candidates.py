@@ -10,7 +10,7 @@ from minina import NeuralScore, neural_attention
 from minina.attention import BACKENDS
 from minina.chunked import chunked_neural_attention
 from minina.tools.candidates import REJECTED_OPTIONS, CandidateScore
-from minina.tools.study import VARIANTS
+from minina.tools.study import CANDIDATES
 from test_chunked import assert_same, make_mask, random_inputs
 from test_scores import (assert_matches_float64_reference, assert_split_matches_logits_and_gradients,
                          backend_device, pair_logits)
@@ -159,11 +159,11 @@ def test_rejected_options_are_not_neural_score_options():
         NeuralScore(64, activation="leaky_relu")
 
 
-@pytest.mark.parametrize("variant", [v for v, options in VARIANTS.items() if options])
-def test_every_study_variant_equals_reference(variant):
+@pytest.mark.parametrize("candidate", [v for v, options in CANDIDATES.items() if options])
+def test_every_study_candidate_equals_reference(candidate):
     """Each option set the learnability study trains (residual, zero_last, ...) works in the chunked backend, or
     (leaky ReLU, a study-only activation) says it needs the reference backend."""
-    score = CandidateScore(8, proj_dim=3, **VARIANTS[variant]).double()
+    score = CandidateScore(8, proj_dim=3, **CANDIDATES[candidate]).double()
     with torch.no_grad():
         for parameter in score.linears()[-1].parameters():  # zero at init for residual scores: exercise every path
             parameter.normal_()
@@ -187,10 +187,10 @@ def test_chunked_backend_sees_the_folded_scale():
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in ("auto", "reference")])
-def test_every_backend_sees_the_folded_scale(backend):
+def test_every_backend_sees_the_folded_scale(backend, request):
     """A learned scale on a residual score with kaiming init and hidden biases: output and every gradient (the
     scale's too) against the float64 reference. The scale multiplies the MLP, not q . k."""
-    device = backend_device(backend)
+    device = backend_device(backend, request)
     score = CandidateScore(16, 4, init="kaiming", learn_scale=True, bias_init=0.5, residual=True).to(device)
     with torch.no_grad():
         score.logit_scale.fill_(2.3)

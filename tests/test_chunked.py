@@ -34,7 +34,7 @@ def outputs_and_grads(backend, q, k, v, score, attn_mask=None, is_causal=False, 
     if backend == "reference":
         out = neural_attention(q, k, v, score, attn_mask, is_causal=is_causal, backend="reference")
     else:
-        out = chunked_neural_attention(q, k, v, score, attn_mask, is_causal, **blocks)
+        out = chunked_neural_attention(q, k, v, score, attn_mask, is_causal=is_causal, **blocks)
     weight = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
     return out, torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
 
@@ -207,14 +207,15 @@ def test_nothing_quadratic_is_saved_for_backward():
 
 
 def test_auto_and_models_use_chunked():
-    assert minina.attention.resolve_backend("auto", torch.randn(2, 3)) == "chunked"
+    q = torch.randn(2, 3)
+    assert minina.attention.choose_backend("auto", q, q, NeuralScore(3)) == "chunked"
     torch.manual_seed(0)
-    layer = MultiHeadAttention(32, heads=2, kind="neural", causal=True).double()
+    layer = MultiHeadAttention(32, heads=2, kind="neural", is_causal=True).double()
     torch.manual_seed(0)
-    reference = MultiHeadAttention(32, heads=2, kind="neural", causal=True, backend="reference").double()
+    reference = MultiHeadAttention(32, heads=2, kind="neural", is_causal=True, backend="reference").double()
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     torch.testing.assert_close(layer(x), reference(x))
-    lm = minina.TransformerLM(vocab_size=11, dim=32, depth=2, heads=2, max_seq_len=16, attention="neural")
+    lm = minina.TransformerLM(vocab_size=11, dim=32, depth=2, heads=2, max_seq_len=16, kind="neural")
     assert all(block.attn.backend == "auto" for block in lm.blocks)
 
 

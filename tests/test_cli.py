@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minina.tools import config as train_config
-from minina.tools import train
+from minina.tools import train, train_flags
+from minina.tools.config import TrainConfig
 from minina.tools.cli import COMMANDS, main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -92,6 +92,8 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has 
     (["train", "--score-options", "{init: kaiming}"], "argument --score-options: expected a JSON object such as "
      '{"hidden": "wide", "activation": "gelu"} (names and strings in double quotes), got \'{init: kaiming}\''),
     (["train", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["train", "--backend", "flash"], "backend must be one of ('auto', 'reference', "),  # checked once, by train()
+    (["train", "--kind", "linear"], "kind must be one of ('dot', 'neural', 'hybrid'), got 'linear'"),
     (["demo", "--seeds", "0"], "argument --seeds: must be a whole number of at least 1, got '0'"),
     (["demo", "--steps", "-1"], "argument --steps: must be a whole number of at least 1, got '-1'"),
     (["bench", "--threads", "0"], "--threads must be at least 1, got 0"),
@@ -102,6 +104,12 @@ def test_each_mistake_is_one_line_and_exit_code_2(argv, message, capsys):
     err = capsys.readouterr().err
     assert end.value.code == 2
     assert err.count("\n") == 1 and err.startswith(f"python -m minina {argv[0]}: error: ") and message in err, err
+
+
+def test_train_takes_kind_not_the_name_before_it(capsys):
+    with pytest.raises(SystemExit) as end:
+        main(["train", "--attention", "dot"])
+    assert end.value.code == 2 and "unrecognized arguments: --attention dot" in capsys.readouterr().err
 
 
 @NO_GPU
@@ -119,10 +127,10 @@ def parse_train(argv):
 
 
 def test_vit_without_a_dataset_takes_cifar10():
-    config = train_config.config_from_args(parse_train(["--task", "vit"]))
+    config = train_flags.config_from_args(parse_train(["--task", "vit"]))
     assert (config.dataset, config.out) == ("cifar10", "runs/vit-cifar10-hybrid-seed0")
-    assert train_config.config_from_args(parse_train([])).dataset == "tinyshakespeare"
-    assert train_config.TrainConfig(task="vit").dataset == "cifar10"
+    assert train_flags.config_from_args(parse_train([])).dataset == "tinyshakespeare"
+    assert TrainConfig(task="vit").dataset == "cifar10"
 
 
 def test_train_help_lists_the_datasets_and_says_what_none_means(capsys):
@@ -162,9 +170,9 @@ def test_readme_training_commands_give_the_reliable_score_on_every_shell():
 
     text = README.read_text(encoding="utf-8")
     training = re.search(r"^## Training\n(.*?)^## ", text, re.M | re.S).group(1)
-    posix = re.search(r"^python -m minina train --attention hybrid --score-options .*?\\\n.*?$", training, re.M)
+    posix = re.search(r"^python -m minina train --kind hybrid --score-options .*?\\\n.*?$", training, re.M)
     argv = shlex.split(posix.group(0).replace("\\\n", " "))[4:]  # after "python -m minina train"
-    assert train_config.config_from_args(parse_train(argv)).score_options == RELIABLE_SCORE_OPTIONS
+    assert train_flags.config_from_args(parse_train(argv)).score_options == RELIABLE_SCORE_OPTIONS
     windows = subprocess.list2cmdline(["--score-options", json.dumps(RELIABLE_SCORE_OPTIONS)])
     assert training.count(windows) == 2  # cmd, and PowerShell after --%
     assert "--% " + windows in training

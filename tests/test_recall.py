@@ -121,7 +121,7 @@ def test_affine_key_embedding_is_affine_in_the_key():
 
 def test_recall_trains_a_transformer_from_python():
     torch.manual_seed(0)
-    model = minina.TransformerLM(len(recall_vocab(K, V)), 16, 1, 2, N + 1, attention="neural")
+    model = minina.TransformerLM(len(recall_vocab(K, V)), 16, 1, 2, N + 1, kind="neural")
     model.token_emb = AffineKeyEmbedding(K, V, 16)
     episodes = recall_episodes(8, N, K, V, "ring", torch.Generator().manual_seed(0))
     loss = torch.nn.functional.cross_entropy(model(episodes[:, :-1])[:, -1], episodes[:, -1])

@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 
 import minina
-from minina import compiled, neural_attention
+from minina import neural_attention
 from minina.attention import BACKENDS
 from minina.scores import RELIABLE_SCORE_OPTIONS, NeuralScore
-from minina.tools.study import VARIANTS
+from minina.tools.study import CANDIDATES
 
 
 def paper_layers(head_dim, proj_dim):
@@ -91,15 +91,15 @@ def test_residual_score_is_the_scaled_dot_product_plus_the_mlp():
     mlp = NeuralScore(16, 4)
     mlp.load_state_dict(score.state_dict())
     torch.testing.assert_close(score.logits(q, k), mlp.logits(q, k) + dot)
-    A, Bk, rest, (q_dot, k_dot) = score.split(q, k, dot_term=True)
-    torch.testing.assert_close(q_dot @ k_dot.transpose(-2, -1), dot)
-    assert mlp.split(q, k, dot_term=True)[3] is None
+    A, Bk, rest, (q_residual, k_residual) = score.split(q, k, residual_term=True)
+    torch.testing.assert_close(q_residual @ k_residual.transpose(-2, -1), dot)
+    assert mlp.split(q, k, residual_term=True)[3] is None
     with pytest.raises(ValueError, match="residual=True"):
         score.split(q, k)
 
 
 def test_options_pass_through_models():
-    lm = minina.TransformerLM(vocab_size=11, dim=32, depth=2, heads=2, max_seq_len=8, attention="neural",
+    lm = minina.TransformerLM(vocab_size=11, dim=32, depth=2, heads=2, max_seq_len=8, kind="neural",
                               score_options={"hidden": "wide", "residual": True})
     scores = [m for m in lm.modules() if isinstance(m, NeuralScore)]
     assert len(scores) == 2 and all(s.hidden == (2, 2) and s.residual for s in scores)
@@ -107,20 +107,20 @@ def test_options_pass_through_models():
     assert all(s.linears()[-1].weight.grad is not None for s in scores)
 
 
-def test_reliable_options_are_a_studied_variant_and_build_a_score():
-    assert RELIABLE_SCORE_OPTIONS in [options for options in VARIANTS.values() if options]
+def test_reliable_options_are_a_studied_candidate_and_build_a_score():
+    assert RELIABLE_SCORE_OPTIONS in [options for options in CANDIDATES.values() if options]
     score = NeuralScore(64, **RELIABLE_SCORE_OPTIONS)
     assert score.logits(torch.randn(3, 64), torch.randn(4, 64)).shape == (3, 4)
 
 
-def backend_device(backend):
+def backend_device(backend, request):
     """The device backend runs on in this session; skips the test when it cannot run here."""
     if backend == "triton":
         pytest.importorskip("triton", reason="backend='triton' needs the triton package")
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("no GPU and TRITON_INTERPRET is not 1: the kernels cannot run")
-    if backend == "compiled" and compiled.unavailable_reason():
-        pytest.skip(f"backend='compiled' unavailable: {compiled.unavailable_reason()}")
+    if backend == "compiled":
+        request.getfixturevalue("compile_works")
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
@@ -140,9 +140,9 @@ def assert_matches_float64_reference(backend, score, q, k, v):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
-def test_reliable_options_run_on_every_backend(backend):
+def test_reliable_options_run_on_every_backend(backend, request):
     """The recommended score is one every backend takes: output and gradients equal the float64 reference."""
-    device = backend_device(backend)
+    device = backend_device(backend, request)
     score = NeuralScore(32, **RELIABLE_SCORE_OPTIONS).to(device)
     with torch.no_grad():  # the last layer starts small: make every layer matter to the gradients
         for parameter in score.parameters():

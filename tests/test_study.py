@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from minina.tools.study import (CURVE_EVERY, DEFAULT_VARIANTS, ESCAPE_FACTOR, HELD_OUT, PROBES, SUMMARY_FIELDS,
-                                VARIANTS, dot_floor_estimate, format_table, plot_study, run_study, steps_to, summarize,
-                                summary_rows, task_keys, wilson_interval)
+from minina.tools.study import (CANDIDATES, CURVE_EVERY, DEFAULT_CANDIDATES, ESCAPE_FACTOR, FIELDS, HELD_OUT,
+                                PROBES, SUMMARY_FIELDS, dot_floor_estimate, format_table, plot_study, run_study,
+                                steps_to, summarize, summary_rows, task_keys, wilson_interval)
 from minina.tools.probes import TASKS, AttentionProbe, train_probe
 
 
@@ -117,23 +117,24 @@ def test_train_probe_by_task_name_is_the_same_run():
 def test_steps_to_and_summary():
     assert steps_to("0.9 0.5 0.2 0.1", 0.25) == 3 * CURVE_EVERY
     assert steps_to([0.9, 0.8], 0.25) is None
-    rows = [{"task": "t", "variant": v, "seed": s, "steps": 4 * CURVE_EVERY, "test_mse": e, "curve": c}
+    rows = [{"task": "t", "candidate": v, "seed": s, "steps": 4 * CURVE_EVERY, "test_mse": e, "curve": c}
             for v, s, e, c in [("a", 0, 0.10, "0.9 0.1 0.1 0.1"), ("a", 1, 0.50, "0.9 0.6 0.5 0.5"),
                                ("b", 0, 0.12, "0.9 0.9 0.3 0.3"), ("b", 1, 0.13, "0.9 0.9 0.9 0.1")]]
     summary = summarize(rows, margin=0.05)
     assert summary["t"]["best"] == 0.10 and summary["t"]["threshold"] == pytest.approx(0.15)
-    a, b = summary["t"]["variants"]["a"], summary["t"]["variants"]["b"]
+    a, b = summary["t"]["candidates"]["a"], summary["t"]["candidates"]["b"]
     assert (a["successes"], a["seeds"], a["median_steps"]) == (1, 2, 2 * CURVE_EVERY)
     # b's first seed passed on the test set but its training average never did: counted at its last step
     assert (b["successes"], b["median_steps"]) == (2, (4 * CURVE_EVERY + 4 * CURVE_EVERY) / 2)
     assert a["mean"] == pytest.approx(0.3) and a["errors"] == [0.10, 0.50]
     assert summary["t"]["dot"] is None and a["stalls"] is None and "1/2" in format_table(summary)
-    rows += [{"task": "t", "variant": "dot", "seed": s, "steps": 4 * CURVE_EVERY, "test_mse": e, "curve": "0.5"}
+    rows += [{"task": "t", "candidate": "dot", "seed": s, "steps": 4 * CURVE_EVERY, "test_mse": e, "curve": "0.5"}
              for s, e in [(0, 0.2), (1, 0.4), (2, 0.3)]]
     summary = summarize(rows, margin=0.05)
     assert summary["t"]["dot"] == pytest.approx(0.3)
-    assert summary["t"]["variants"]["a"]["stalls"] == 1 and summary["t"]["variants"]["b"]["stalls"] == 0
-    assert summary["t"]["variants"]["dot"]["stalls"] is None and "worse than the median dot run" in format_table(summary)
+    assert summary["t"]["candidates"]["a"]["stalls"] == 1 and summary["t"]["candidates"]["b"]["stalls"] == 0
+    assert summary["t"]["candidates"]["dot"]["stalls"] is None
+    assert "worse than the median dot run" in format_table(summary)
 
 
 @pytest.mark.parametrize("successes, trials, expected", [  # Wilson (1927) 95% intervals, computed by hand
@@ -149,27 +150,27 @@ def test_wilson_interval_errors_and_summary_field():
     for successes, trials in [(1, 0), (-1, 5), (6, 5)]:
         with pytest.raises(ValueError, match="need 0 <= successes <= trials"):
             wilson_interval(successes, trials)
-    rows = [{"task": "t", "variant": "a", "seed": s, "steps": CURVE_EVERY, "test_mse": e, "curve": "0.1"}
+    rows = [{"task": "t", "candidate": "a", "seed": s, "steps": CURVE_EVERY, "test_mse": e, "curve": "0.1"}
             for s, e in enumerate([0.1, 0.1, 0.9])]
-    stats = summarize(rows)["t"]["variants"]["a"]
+    stats = summarize(rows)["t"]["candidates"]["a"]
     assert stats["interval"] == wilson_interval(2, 3) and "0.21-0.94" in format_table(summarize(rows))
 
 
-def test_default_variants_are_known_and_keep_the_baselines_and_candidates():
-    assert set(DEFAULT_VARIANTS) <= set(VARIANTS)
-    assert {"dot", "paper", "wide+gelu", "residual", "residual+wide+gelu"} <= set(DEFAULT_VARIANTS)
+def test_default_candidates_are_known_and_keep_the_baselines_and_candidates():
+    assert set(DEFAULT_CANDIDATES) <= set(CANDIDATES)
+    assert {"dot", "paper", "wide+gelu", "residual", "residual+wide+gelu"} <= set(DEFAULT_CANDIDATES)
 
 
 def test_escape_precision_and_stalls_on_synthetic_errors():
-    rows = [{"task": task, "variant": v, "seed": s, "steps": CURVE_EVERY, "test_mse": e, "curve": "0.1"}
+    rows = [{"task": task, "candidate": v, "seed": s, "steps": CURVE_EVERY, "test_mse": e, "curve": "0.1"}
             for task in ("ring_key", "ball_mean")
             for v, errors in [("dot", [0.8, 0.6, 0.9]), ("a", [0.05, 0.29, 0.31]), ("b", [0.95, 0.02, 0.2])]
             for s, e in enumerate(errors)]
     summary = summarize(rows, margin=0.05)
     entry = summary["ball_mean"]
     assert entry["dot_best"] == 0.6 and entry["escape_threshold"] == pytest.approx(0.3) and entry["dot"] == 0.8
-    a, b = entry["variants"]["a"], entry["variants"]["b"]
-    assert (a["escapes"], b["escapes"], entry["variants"]["dot"]["escapes"]) == (2, 2, 0)  # 0.31 > 0.3 does not
+    a, b = entry["candidates"]["a"], entry["candidates"]["b"]
+    assert (a["escapes"], b["escapes"], entry["candidates"]["dot"]["escapes"]) == (2, 2, 0)  # 0.31 > 0.3 does not
     assert a["escape_interval"] == wilson_interval(2, 3)
     assert a["distances"] == pytest.approx([0.03, 0.27, 0.29]) and b["median_distance"] == pytest.approx(0.18)
     assert (a["successes"], b["successes"]) == (1, 1)  # within best 0.02 + 0.05
@@ -180,8 +181,8 @@ def test_escape_precision_and_stalls_on_synthetic_errors():
     rows_out = summary_rows(summary)
     assert [r["family"] for r in rows_out] == ["probes"] * 3 + ["held-out"] * 3
     assert all(set(r) == set(SUMMARY_FIELDS) for r in rows_out) and rows_out[4]["errors"] == "0.05000 0.29000 0.31000"
-    no_dot = summarize([row for row in rows if row["variant"] != "dot"])["ring_key"]
-    assert no_dot["escape_threshold"] is None and no_dot["variants"]["a"]["escapes"] is None
+    no_dot = summarize([row for row in rows if row["candidate"] != "dot"])["ring_key"]
+    assert no_dot["escape_threshold"] is None and no_dot["candidates"]["a"]["escapes"] is None
 
 
 def test_run_study_writes_resumes_and_plots(tmp_path):
@@ -190,8 +191,8 @@ def test_run_study_writes_resumes_and_plots(tmp_path):
                      progress=False)
     assert len(rows) == 4
     direct = train_probe("neural", 1, steps=CURVE_EVERY, task="extreme_key", proj_dim=8,
-                         score_options=VARIANTS["scale"])
-    assert [r["test_mse"] for r in rows if r["variant"] == "scale" and r["seed"] == 1] == [direct["test_mse"]]
+                         score_options=CANDIDATES["scale"])
+    assert [r["test_mse"] for r in rows if r["candidate"] == "scale" and r["seed"] == 1] == [direct["test_mse"]]
     again = run_study(["extreme_key"], ["dot", "scale"], seeds=2, steps=CURVE_EVERY, csv_path=path, workers=1,
                       progress=False)
     with open(path, newline="") as f:
@@ -209,8 +210,17 @@ def test_run_study_writes_resumes_and_plots(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("kwargs, match", [({"tasks": ["nope"]}, "unknown tasks/variants"),
-                                           ({"variants": ["nope"]}, "unknown tasks/variants"),
+def test_a_csv_with_other_columns_is_refused_not_resumed(tmp_path):
+    """A results.csv written before 'variant' was renamed 'candidate' would never match a run: it is refused."""
+    path = tmp_path / "results.csv"
+    path.write_text(",".join(["task", "variant"] + FIELDS[2:]) + "\nextreme_key,dot,0,50,8,8,0.5,1.0,0.5\n")
+    with pytest.raises(ValueError, match=r"results.csv has the columns \['task', 'variant'"):
+        run_study(["extreme_key"], ["dot"], seeds=1, steps=CURVE_EVERY, csv_path=path, workers=1, progress=False)
+    assert path.read_text().count("\n") == 2  # left as it was
+
+
+@pytest.mark.parametrize("kwargs, match", [({"tasks": ["nope"]}, "unknown tasks/candidates"),
+                                           ({"candidates": ["nope"]}, "unknown tasks/candidates"),
                                            ({"seeds": 0}, "need seeds >= 1"),
                                            ({"steps": 1}, "need seeds >= 1")])
 def test_run_study_bad_arguments(kwargs, match):
@@ -220,7 +230,7 @@ def test_run_study_bad_arguments(kwargs, match):
 
 def test_cli_prints_table_and_writes_files(tmp_path):
     result = subprocess.run([sys.executable, "-m", "minina", "study-learnability", "--seeds", "1", "--steps",
-                             str(CURVE_EVERY), "--tasks", "nearest_key", "--variants", "dot", "paper",
+                             str(CURVE_EVERY), "--tasks", "nearest_key", "--candidates", "dot", "paper",
                              "--workers", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("nearest_key ")]
@@ -231,7 +241,7 @@ def test_cli_prints_table_and_writes_files(tmp_path):
 
 def test_cli_held_out_runs_the_family_apart(tmp_path):
     result = subprocess.run([sys.executable, "-m", "minina", "study-learnability", "--held-out", "--seeds", "1",
-                             "--steps", str(CURVE_EVERY), "--variants", "dot", "--workers", "1", "--out",
+                             "--steps", str(CURVE_EVERY), "--candidates", "dot", "--workers", "1", "--out",
                              str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Held-out family" in result.stdout

@@ -16,15 +16,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import minina.tools.config as config_module
+import minina.tools.train_flags as flags_module
 import minina.tools.train as train_module
 import minina.tools.train_tasks as tasks_module
 from minina import NeuralScore
 from minina.__main__ import main as cli
+from minina.tools import candidates
 from minina.tools.candidates import CandidateScore
 from minina.tools.data import lm_eval_batches, load_images, load_text
-from minina.tools.config import PAPER_CONFIGS, TrainConfig, check_config
-from minina.tools.train import autocast_dtype, build_model, learning_rate_factor, make_optimizer, train
+from minina.tools.config import PAPER_CONFIGS, TrainConfig
+from minina.tools.train import (ConfigError, autocast_dtype, build_model, check_config, learning_rate_factor,
+                                make_optimizer, train)
 
 DATA = os.environ.get("MININA_DATA")
 needs_data = pytest.mark.skipif(not DATA or not pathlib.Path(DATA, "tinyshakespeare").is_dir(),
@@ -45,13 +47,13 @@ def one_thread(tmp_path_factory):
 
 
 def tiny_lm(out, **changes):
-    return TrainConfig(**{**dict(task="lm", dataset="tinyshakespeare", attention="hybrid", dim=32, depth=2, heads=2,
+    return TrainConfig(**{**dict(task="lm", dataset="tinyshakespeare", kind="hybrid", dim=32, depth=2, heads=2,
                                  seq_len=32, batch_size=8, max_steps=40, lr=3e-3, warmup_steps=5, eval_every=10,
                                  eval_batches=4, out=str(out)), **changes})
 
 
 def tiny_vit(out, **changes):
-    return TrainConfig(**{**dict(task="vit", dataset="cifar10", attention="hybrid", dim=32, depth=2, heads=2,
+    return TrainConfig(**{**dict(task="vit", dataset="cifar10", kind="hybrid", dim=32, depth=2, heads=2,
                                  patch_size=8, batch_size=16, train_size=64, max_steps=12, lr=3e-3, warmup_steps=2,
                                  eval_every=3, eval_batches=2, out=str(out)), **changes})
 
@@ -240,20 +242,20 @@ def test_named_configs_are_the_papers_settings():
     """Paper text where it speaks (12 heads of 64 for the ViT, d' = head_dim / 32), the released scripts where it
     is silent (dropout 0.1, batch size 1, learning rates); the neural block gets d' = 2 in both."""
     lm, vit = PAPER_CONFIGS["paper-lm"], PAPER_CONFIGS["paper-vit"]
-    assert (lm.dataset, lm.dim, lm.depth, lm.heads, lm.seq_len, lm.attention, lm.dropout, lm.batch_size, lm.lr) == \
+    assert (lm.dataset, lm.dim, lm.depth, lm.heads, lm.seq_len, lm.kind, lm.dropout, lm.batch_size, lm.lr) == \
         ("wikitext103", 512, 8, 8, 1024, "hybrid", 0.1, 1, 3e-4)
-    assert (vit.dataset, vit.dim, vit.depth, vit.heads, vit.attention, vit.image_size // vit.patch_size,
+    assert (vit.dataset, vit.dim, vit.depth, vit.heads, vit.kind, vit.image_size // vit.patch_size,
             vit.dropout, vit.batch_size, vit.lr) == ("cifar10", 768, 12, 12, "hybrid", 28, 0.1, 1, 5e-5)
     for config in PAPER_CONFIGS.values():
         check_config(config)
         model = build_model(dataclasses.replace(config, depth=1), vocab_size=50, num_classes=10, image_size=224,
                             channels=3)
-        assert model.blocks[0].attn.score.proj_dim == 2 and model.blocks[0].attn.dim_head == 64
+        assert model.blocks[0].attn.score.proj_dim == 2 and model.blocks[0].attn.head_dim == 64
 
 
 @pytest.mark.parametrize("change, match", [
     (dict(task="seq2seq"), "task must be one of"),
-    (dict(attention="linear"), "attention must be one of"),
+    (dict(kind="linear"), "kind must be one of"),
     (dict(dataset="cifar10"), "dataset for task 'lm' must be one of"),
     (dict(task="vit", dataset="tinyshakespeare"), "dataset for task 'vit' must be one of"),
     (dict(dim=0), "dim must be a positive int"),
@@ -285,15 +287,15 @@ def test_named_config_and_flag_overrides():
     train_module.add_arguments(parser)
     args = parser.parse_args(["--config", "paper-vit", "--heads", "8", "--proj-dim", "3", "--dtype", "fp16",
                               "--grad-accum", "4", "--log-every", "100", "--compile"])
-    assert config_module.config_from_args(args) == dataclasses.replace(
+    assert flags_module.config_from_args(args) == dataclasses.replace(
         PAPER_CONFIGS["paper-vit"], heads=8, proj_dim=3, dtype="fp16", grad_accum=4, log_every=100, compile=True)
-    assert config_module.config_from_args(parser.parse_args(["--config", "paper-lm"])) == PAPER_CONFIGS["paper-lm"]
+    assert flags_module.config_from_args(parser.parse_args(["--config", "paper-lm"])) == PAPER_CONFIGS["paper-lm"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "fp8"])
 
 
 def test_default_out_names_the_run():
-    assert TrainConfig(task="vit", dataset="/data/trees/pets", attention="dot", seed=3).out == \
+    assert TrainConfig(task="vit", dataset="/data/trees/pets", kind="dot", seed=3).out == \
         "runs/vit-pets-dot-seed3"
 
 
@@ -323,7 +325,7 @@ def test_optimizer_decays_linear_and_conv_weights_only():
                                     "blocks.0.attn.score.mlp.0.bias", "blocks.1.ln_attn.weight", "ln_out.bias"}
     assert lm.head.weight is lm.token_emb.weight and "head.weight" not in decay  # tied: one tensor, an embedding
     assert decay["token_emb.weight"] == 0.0
-    vit = build_model(TrainConfig(task="vit", dataset="cifar10", dim=64, depth=2, heads=2, attention="neural"),
+    vit = build_model(TrainConfig(task="vit", dataset="cifar10", dim=64, depth=2, heads=2, kind="neural"),
                       num_classes=10, image_size=8, channels=3)
     decay = decay_groups(vit)
     assert {name for name, value in decay.items() if value == 0.1} == \
@@ -441,7 +443,7 @@ def compiler_works():
 @needs_data
 @pytest.mark.skipif(not compiler_works(), reason="torch.compile does not work here")
 def test_compile_trains_like_eager(tmp_path):
-    settings = dict(attention="dot", depth=1, max_steps=3, eval_every=3, eval_batches=1)  # a short compile
+    settings = dict(kind="dot", depth=1, max_steps=3, eval_every=3, eval_batches=1)  # a short compile
     eager = train(tiny_lm(tmp_path / "eager", **settings), progress=False)
     compiled = train(tiny_lm(tmp_path / "compiled", compile=True, **settings), progress=False)
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
@@ -499,3 +501,34 @@ def test_cli_errors_are_one_line_messages(tmp_path, monkeypatch, capsys):
     expected = "^error: tinyshakespeare: input.txt not found in " + re.escape(str(tmp_path))
     with pytest.raises(SystemExit, match=expected):
         cli(["train", "--out", str(tmp_path)])
+
+
+def test_the_cli_checks_the_config_once_in_train(tmp_path, monkeypatch, capsys):
+    """`python -m minina train` builds the config and calls train(), which checks it once: no check before, none
+    again when the model is built (a generated corpus, no data files needed)."""
+    calls = {"check_config": 0, "check_device": 0}
+    for name in calls:
+        original = getattr(train_module, name)
+
+        def counting(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+        monkeypatch.setattr(train_module, name, counting)
+    cli(["train", "--dataset", "recall_ring", "--kind", "hybrid", "--dim", "16", "--depth", "1", "--heads", "2",
+         "--seq-len", "8", "--batch-size", "2", "--max-steps", "1", "--eval-every", "1", "--eval-batches", "1",
+         "--device", "cpu", "--out", str(tmp_path)])
+    assert "step 1: val_loss" in capsys.readouterr().out
+    assert calls == {"check_config": 1, "check_device": 1}
+    assert json.loads((tmp_path / "config.json").read_text())["kind"] == "hybrid"
+
+
+def test_a_config_mistake_is_a_config_error_and_a_value_error(tmp_path):
+    with pytest.raises(ConfigError, match="kind must be one of") as error:
+        train(TrainConfig(kind="linear", out=str(tmp_path)), progress=False)
+    assert isinstance(error.value, ValueError)
+
+
+def test_train_names_the_studys_rejected_options_without_importing_the_study():
+    """The hint for an option only the study's probes take: train keeps its own copy of the names, held equal to
+    the study's here, so that the run's check never imports the study."""
+    assert train_module.REJECTED_OPTIONS == candidates.REJECTED_OPTIONS

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from minina import MultiHeadAttention, NeuralScore, dot_product_attention, neural_attention
 from minina.activations import ACTIVATIONS, Activation
-from minina.attention import resolve_backend
+from minina.attention import choose_backend
 from minina.tools import triton_check
 from minina.tools.triton_check import assert_low_precision_within_the_rule, triton_grads
 
@@ -199,7 +199,7 @@ def test_backend_triton_in_neural_attention_and_modules():
     q, k, v = (torch.randn(2, 2, n, 8, device=DEVICE) for n in (9, 12, 12))
     torch.testing.assert_close(neural_attention(q, k, v, score, is_causal=True, backend="triton"),
                                neural_attention(q, k, v, score, is_causal=True, backend="reference"))
-    mha = MultiHeadAttention(16, heads=2, kind="neural", causal=True, backend="triton").to(DEVICE)
+    mha = MultiHeadAttention(16, heads=2, kind="neural", is_causal=True, backend="triton").to(DEVICE)
     x = torch.randn(2, 9, 16, device=DEVICE)
     reference = copy.deepcopy(mha)
     reference.backend = "reference"
@@ -210,11 +210,11 @@ def test_auto_uses_triton_for_supported_cuda_inputs_only():
     score = NeuralScore(8).to(DEVICE)
     q = torch.randn(4, 8, device=DEVICE)
     if DEVICE == "cpu":
-        assert resolve_backend("auto", q, q, score) == "chunked"  # even with the interpreter on
+        assert choose_backend("auto", q, q, score) == "chunked"  # even with the interpreter on
         pytest.skip("auto picks triton on CUDA only; no GPU here")
-    assert resolve_backend("auto", q, q, score) == "triton"
-    assert resolve_backend("auto", q.double(), q.double(), score.double()) == "chunked"
-    assert resolve_backend("auto", q, q, NeuralScore(8, hidden=(4, 4, 4)).to(DEVICE)) == "chunked"
+    assert choose_backend("auto", q, q, score) == "triton"
+    assert choose_backend("auto", q.double(), q.double(), score.double()) == "chunked"
+    assert choose_backend("auto", q, q, NeuralScore(8, hidden=(4, 4, 4)).to(DEVICE)) == "chunked"
 
 
 def test_missing_triton_gives_a_clear_error(monkeypatch):
@@ -257,7 +257,7 @@ def test_an_activation_the_kernels_lack_is_refused(monkeypatch):
     assert not supports(q, q, score) and supports(q, q, NeuralScore(8, activation="gelu").to(DEVICE))
     with pytest.raises(ValueError, match=r"activations \('relu', 'gelu'\), got score.activation='tanh'"):
         triton_neural_attention(q, q, q, score)
-    assert resolve_backend("auto", q, q, score) == "chunked"
+    assert choose_backend("auto", q, q, score) == "chunked"
 
 
 @pytest.mark.parametrize("L, S, head_dim, is_causal, mask_kind, options, blocks", [
@@ -317,7 +317,7 @@ def test_residual_scores_are_supported_up_to_head_size_256():
     score = NeuralScore(8, residual=True).to(DEVICE)
     assert supports(q, q, score)
     if DEVICE == "cuda":
-        assert resolve_backend("auto", q, q, score) == "triton"
+        assert choose_backend("auto", q, q, score) == "triton"
     q, wide = torch.randn(4, 320, device=DEVICE), NeuralScore(320, residual=True).to(DEVICE)
     assert supports(q, q[:, :8], NeuralScore(320).to(DEVICE)) and not supports(q, q[:, :8], wide)
     with pytest.raises(ValueError, match=r"residual scores .*head sizes up to 256, got q \(4, 320\)"):
@@ -334,7 +334,7 @@ def test_bfloat16_is_refused_below_compute_capability_8(monkeypatch):
     with pytest.raises(TypeError, match=r"compute capability >= 8.0 for bfloat16.*torch.bfloat16.*capability 7.5"):
         triton_neural_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), score.bfloat16())
     if DEVICE == "cuda":
-        assert resolve_backend("auto", q.bfloat16(), q.bfloat16(), score.bfloat16()) == "chunked"
+        assert choose_backend("auto", q.bfloat16(), q.bfloat16(), score.bfloat16()) == "chunked"
 
 
 @pytest.mark.parametrize("launch, message", [

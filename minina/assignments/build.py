@@ -29,15 +29,15 @@ class MarkerError(ValueError):
 
 
 def _strip_code(source, default_id, where):
-    lines, out, block = source.split("\n"), [], None  # block: ("solution" | "hidden", indent, id)
+    lines, out, block = source.split("\n"), [], None  # block: (marker "solution" | "hidden", indent, id)
     for number, line in enumerate(lines, 1):
         stripped = line.strip()
         if stripped.startswith("# BEGIN SOLUTION") or stripped == "# BEGIN HIDDEN TESTS":
             if block:
                 raise MarkerError(f"{where}, line {number}: {stripped!r} inside an open block")
-            kind = "solution" if "SOLUTION" in stripped else "hidden"
+            marker = "solution" if "SOLUTION" in stripped else "hidden"
             exercise_id = stripped[len("# BEGIN SOLUTION"):].strip() or default_id
-            block = (kind, line[: len(line) - len(line.lstrip())], exercise_id)
+            block = (marker, line[: len(line) - len(line.lstrip())], exercise_id)
         elif stripped in ("# END SOLUTION", "# END HIDDEN TESTS"):
             if not block or (block[0] == "solution") != (stripped == "# END SOLUTION"):
                 raise MarkerError(f"{where}, line {number}: {stripped!r} without its BEGIN")

@@ -268,11 +268,11 @@ def compare_gradients(case, function, reference, args, generator, indices, **kwa
         compare(case, got, wanted, f"the gradient of argument {index}")
 
 
-def diagnose(failure, got, variants, tol):
-    """failure, or failure naming the usual mistake (a key of variants: name -> tensor) that got equals."""
+def diagnose(failure, got, mistakes, tol):
+    """failure, or failure naming the usual mistake (a key of mistakes: name -> tensor) that got equals."""
     if isinstance(got, torch.Tensor):
-        for name, variant in variants.items():
-            if variant.shape == got.shape and torch.allclose(got.detach().double(), variant.double(), rtol=tol,
+        for name, mistake in mistakes.items():
+            if mistake.shape == got.shape and torch.allclose(got.detach().double(), mistake.double(), rtol=tol,
                                                              atol=tol, equal_nan=True):
                 return CheckFailed(f"{failure}; your output equals {name}")
     return failure

@@ -7,7 +7,7 @@ import statistics
 
 import torch
 
-from ..attention import dot_product_attention, reference_neural_attention
+from ..attention import dot_product_attention, neural_attention
 from ..masks import attention_bias, masked_softmax as reference_masked_softmax
 from ..scores import NeuralScore
 from .checks import TOLERANCES, CheckFailed, NotAttempted, call, compare, compare_gradients, diagnose, exercise, random_tensor
@@ -74,11 +74,11 @@ def _compare_weights(case, got, x):
     try:
         compare(case, got, reference_masked_softmax(x), "weights")
     except CheckFailed as failure:
-        variants = {f"a softmax over dimension {d} instead of the last (the keys)":
+        mistakes = {f"a softmax over dimension {d} instead of the last (the keys)":
                     reference_masked_softmax(x.transpose(d, -1)).transpose(d, -1) for d in range(x.dim() - 1)}
-        variants["a softmax that gives a row of all -inf logits uniform weights instead of zeros"] = torch.softmax(
+        mistakes["a softmax that gives a row of all -inf logits uniform weights instead of zeros"] = torch.softmax(
             x.clamp(min=torch.finfo(x.dtype).min), dim=-1)
-        raise diagnose(failure, got, variants, TOLERANCES[x.dtype]) from None
+        raise diagnose(failure, got, mistakes, TOLERANCES[x.dtype]) from None
 
 
 def _attention_cases(generator):
@@ -103,30 +103,30 @@ def _attention_cases(generator):
     yield ("padding mask combined with is_causal=True, float64", *qkv(2, 2, 7, 7, 4, 4, f64), padding, True)
 
 
-def _attention_variants(q, k, v, mask, causal):
+def _attention_mistakes(q, k, v, mask, causal):
     """The usual wrong answers, by the words that name them."""
     L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
-    variants = {"attention without the 1/sqrt(E) scaling": dot_product_attention(q, k, v, attn_mask=mask,
+    mistakes = {"attention without the 1/sqrt(E) scaling": dot_product_attention(q, k, v, attn_mask=mask,
                                                                                  is_causal=causal, scale=1.0),
                 "attention scaled by 1/E instead of 1/sqrt(E)": dot_product_attention(
                     q, k, v, attn_mask=mask, is_causal=causal, scale=1 / E)}
     if causal:
-        variants["attention that ignores is_causal"] = dot_product_attention(q, k, v, attn_mask=mask)
+        mistakes["attention that ignores is_causal"] = dot_product_attention(q, k, v, attn_mask=mask)
         for diagonal, words in ((0, "one key too few (the diagonal masked)"), (2, "one key too many (the next key "
                                                                                   "visible)")):
             shifted = torch.ones(L, S, dtype=torch.bool).tril(diagonal=diagonal - 1)  # (L, S)
             both = shifted if mask is None else shifted & mask
-            variants[f"attention with the causal mask shifted by one: {words}"] = dot_product_attention(
+            mistakes[f"attention with the causal mask shifted by one: {words}"] = dot_product_attention(
                 q, k, v, attn_mask=both)
     if mask is not None:
-        variants["attention that ignores attn_mask"] = dot_product_attention(q, k, v, is_causal=causal)
+        mistakes["attention that ignores attn_mask"] = dot_product_attention(q, k, v, is_causal=causal)
         if mask.dtype == torch.bool:
-            variants["attention with the boolean mask inverted (True must mean 'may attend')"] = (
+            mistakes["attention with the boolean mask inverted (True must mean 'may attend')"] = (
                 dot_product_attention(q, k, v, attn_mask=~mask, is_causal=causal))
         else:
-            variants["attention that subtracts the float mask instead of adding it"] = dot_product_attention(
+            mistakes["attention that subtracts the float mask instead of adding it"] = dot_product_attention(
                 q, k, v, attn_mask=-mask, is_causal=causal)
-    return variants
+    return mistakes
 
 
 @exercise("A1.attention", ["attention"], forbid=("minina.masked_softmax", "minina.attention_bias", *ATTENTION_CALLS))
@@ -136,7 +136,7 @@ def _check_attention(attention, generator):
         try:
             compare(case, got, dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal), "output")
         except CheckFailed as failure:
-            raise diagnose(failure, got, _attention_variants(q, k, v, mask, causal), TOLERANCES[q.dtype]) from None
+            raise diagnose(failure, got, _attention_mistakes(q, k, v, mask, causal), TOLERANCES[q.dtype]) from None
     q, k, v = (random_tensor((1, 2, 4, 3), f64, generator) for _ in range(3))
     compare_gradients("gradient, is_causal=True, float64", attention, dot_product_attention, [q, k, v], generator,
                       [0, 1, 2], is_causal=True)
@@ -153,11 +153,11 @@ def _check_padding_mask(padding_mask, generator):
         try:
             compare(case, got, expected, "mask")
         except CheckFailed as failure:
-            variants = {"the mask inverted (True must mean a real token, one that may be attended to)": ~expected,
+            mistakes = {"the mask inverted (True must mean a real token, one that may be attended to)": ~expected,
                         "a mask one token too long (position == length counted as a token: use <, not <=)":
                         (positions <= lengths[:, None])[:, None, None, :],
                         "a mask one token too short": (positions < lengths[:, None] - 1)[:, None, None, :]}
-            raise diagnose(failure, got, variants, 0) from None
+            raise diagnose(failure, got, mistakes, 0) from None
 
 
 # ------------------------------------------------------------------------------------------------------------ A2
@@ -183,10 +183,10 @@ def _check_pair_logits(pair_logits, generator):
             try:
                 compare(case, got, score.logits(q, k), "logits")
             except CheckFailed as failure:
-                raise diagnose(failure, got, _pair_variants(score, q, k), TOLERANCES[dtype]) from None
+                raise diagnose(failure, got, _pair_mistakes(score, q, k), TOLERANCES[dtype]) from None
 
 
-def _pair_variants(score, q, k):
+def _pair_mistakes(score, q, k):
     """The usual wrong pair MLPs: the pair as (key, query), the projections swapped, the activations left out."""
     a, b = score.q_proj(q), score.k_proj(k)  # (..., L, P), (..., S, P)
     L, S = a.shape[-2], b.shape[-2]
@@ -212,12 +212,12 @@ def _score_configs(generator):
         yield head_dim, proj_dim, tuple(int(h) for h in torch.randint(1, 9, (depth,), generator=generator))
 
 
-def _compare_number(case, got, expected, what, variants=None):
-    """Compare a whole number; a wrong one is compared with variants ({words: number}, the usual mistakes)."""
+def _compare_number(case, got, expected, what, mistakes=None):
+    """Compare a whole number; a wrong one is compared with the usual mistakes, mistakes ({words: number})."""
     if isinstance(got, bool) or not isinstance(got, (int, float)) or isinstance(got, float) and not got.is_integer():
         raise CheckFailed(f"{case}: {what} should be a whole number (int), got {got!r}")
     if int(got) != expected:
-        named = [words for words, number in (variants or {}).items() if number == int(got)]
+        named = [words for words, number in (mistakes or {}).items() if number == int(got)]
         raise CheckFailed(f"{case}: {what} is {int(got):,}, expected {expected:,} "
                           f"({'too many' if got > expected else 'too few'})"
                           + (f"; it equals {' or '.join(named)}" if named else ""))
@@ -229,12 +229,12 @@ def _check_score_parameters(score_parameters, generator):
         case = f"head_dim={head_dim}, proj_dim={proj_dim}, hidden={hidden}"
         score = NeuralScore(head_dim, proj_dim, hidden=hidden)
         expected = sum(p.numel() for p in score.parameters())
-        variants = {"the count without the biases": expected - sum(
+        mistakes = {"the count without the biases": expected - sum(
                         p.numel() for name, p in score.named_parameters() if name.endswith("bias")),
                     "the count of the MLP alone, without the query and key projections": sum(
                         p.numel() for p in score.mlp.parameters())}
         _compare_number(case, call(case, score_parameters, head_dim, proj_dim, hidden), expected, "the count",
-                        variants)
+                        mistakes)
 
 
 def reference_score_flops(L, S, head_dim, proj_dim, hidden):
@@ -251,12 +251,12 @@ def _check_score_flops(score_flops, generator):
         case = f"L={L}, S={S}, head_dim={head_dim}, proj_dim={proj_dim}, hidden={hidden}"
         expected = reference_score_flops(L, S, head_dim, proj_dim, hidden)
         projections = 2 * (L + S) * head_dim * proj_dim
-        variants = {"the multiply-adds (each is 2 FLOPs)": expected // 2,
+        mistakes = {"the multiply-adds (each is 2 FLOPs)": expected // 2,
                     "the count without the projections": expected - projections,
                     "the count with the projections done once per pair, not once per query and key":
                     expected - projections + 2 * L * S * 2 * head_dim * proj_dim}
         _compare_number(case, call(case, score_flops, L, S, head_dim, proj_dim, hidden), expected, "the FLOP count",
-                        variants)
+                        mistakes)
 
 
 @exercise("A2.pair_tensor_bytes", ["pair_tensor_bytes"])
@@ -266,10 +266,10 @@ def _check_pair_tensor_bytes(pair_tensor_bytes, generator):
         case = f"B={B}, H={H}, L={L}, S={S}, proj_dim={P}, dtype={dtype}"
         size = torch.empty((), dtype=dtype).element_size()
         expected = B * H * L * S * 2 * P * size
-        variants = {"the number of elements, not bytes": expected // size,
+        mistakes = {"the number of elements, not bytes": expected // size,
                     "the size of one half of the pair (P features, not 2P)": expected // 2}
         _compare_number(case, call(case, pair_tensor_bytes, B, H, L, S, P, dtype), expected, "the size in bytes",
-                        variants)
+                        mistakes)
 
 
 # ------------------------------------------------------------------------------------------------------------ A3
@@ -353,24 +353,25 @@ def _check_split(split_first_layer, generator):
         with torch.no_grad():
             A, Bk, _ = score.split(q, k)
             bias = score.linears()[0].bias  # (h1,) belongs to A alone
-        for what, value, expected, variants in (("A", got[0], A, {"A without the first layer's bias": A - bias}),
+        for what, value, expected, mistakes in (("A", got[0], A, {"A without the first layer's bias": A - bias}),
                                                 ("Bk", got[1], Bk, {"Bk with the first layer's bias added (it "
                                                                     "belongs to A alone)": Bk + bias})):
             try:
                 compare(case, value, expected, what)
             except CheckFailed as failure:
-                raise diagnose(failure, value, variants, TOLERANCES[dtype]) from None
+                raise diagnose(failure, value, mistakes, TOLERANCES[dtype]) from None
 
 
 def _reference_with_logsumexp(q, k, v, score, is_causal):
     logits = score.logits(q, k)  # (B, H, L, S)
     bias = attention_bias(None, is_causal, q.shape[-2], k.shape[-2], logits.dtype, logits.device)
     logits = logits if bias is None else logits + bias
-    return reference_neural_attention(q, k, v, score, is_causal=is_causal), torch.logsumexp(logits, dim=-1)
+    out = neural_attention(q, k, v, score, is_causal=is_causal, backend="reference")  # (B, H, L, Ev)
+    return out, torch.logsumexp(logits, dim=-1)
 
 
-def _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok, rescale_hint, variants):
-    """Check an (out, logsumexp) pair; a mismatch is compared with variants() ({"out": {words: tensor},
+def _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok, rescale_hint, mistakes):
+    """Check an (out, logsumexp) pair; a mismatch is compared with mistakes() ({"out": {words: tensor},
     "logsumexp": ...}, the usual mistakes), and after a one-block case passed it points at the missing rescale."""
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         raise CheckFailed(f"{case}: return the pair (out, logsumexp), got {type(got).__name__}")
@@ -378,14 +379,14 @@ def _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_blo
         try:
             compare(case, value, expected, what)
         except CheckFailed as failure:
-            failure = diagnose(failure, value, variants()[what], TOLERANCES[expected.dtype])
+            failure = diagnose(failure, value, mistakes()[what], TOLERANCES[expected.dtype])
             if single_block_ok:
                 raise CheckFailed(f"{failure}. It matched with one key block: when the running maximum changes, "
                                   f"{rescale_hint}") from None
             raise failure from None
 
 
-def online_variants(logits_of, v, block_size):
+def online_mistakes(logits_of, v, block_size):
     """The usual wrong online softmaxes over key blocks of block_size keys, for out and logsumexp.
 
     logits_of(start, stop): the (masked) logits of keys start..stop-1, (..., L, n); v: (..., S, Ev).
@@ -461,12 +462,12 @@ def _check_online_attention(online_attention, generator):
                                   f"one key block of at most block_size keys at a time")
             _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok and not words,
                                        "rescale the running sum and the accumulator by exp(m_old - m_new)",
-                                       lambda: online_variants(_score_blocks(score, q, k, causal), v, block_size))
+                                       lambda: online_mistakes(_score_blocks(score, q, k, causal), v, block_size))
             single_block_ok = True
 
 
 def _score_blocks(score, q, k, is_causal):
-    """logits_of(start, stop) for online_variants: the score's logits of keys start..stop-1, causally masked."""
+    """logits_of(start, stop) for online_mistakes: the score's logits of keys start..stop-1, causally masked."""
     def logits_of(start, stop):
         logits = score.logits(q, k[..., start:stop, :])  # (..., L, n)
         if not is_causal:
@@ -513,12 +514,12 @@ def _check_softmax_backward(softmax_backward, generator):
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             raise CheckFailed(f"{case}: return the pair (grad_v, grad_logits), got {type(got).__name__}")
         p, grad_p = p.detach(), t["grad_out"] @ t["v"].T  # (bl, bs): the gradient of the weights
-        variants = ({"P dO, not P^T dO": p @ t["grad_out"]} if p.shape[0] == p.shape[1] else {},
+        mistakes = ({"P dO, not P^T dO": p @ t["grad_out"]} if p.shape[0] == p.shape[1] else {},
                     {"P * (dO V^T), without subtracting the row sums of P * (dO V^T)": p * grad_p,
                      "dO V^T, the gradient of the weights, without the softmax's backward": grad_p,
                      "the softmax's backward with the sums over the queries, not the keys":
                      p * (grad_p - (p * grad_p).sum(dim=0, keepdim=True))})
-        for value, expected, what, wrong in zip(got, (v.grad, logits.grad), ("grad_v", "grad_logits"), variants):
+        for value, expected, what, wrong in zip(got, (v.grad, logits.grad), ("grad_v", "grad_logits"), mistakes):
             try:
                 compare(case, value, expected, what)
             except CheckFailed as failure:
@@ -537,15 +538,15 @@ def _check_mlp_backward(mlp_backward, generator):
         if not isinstance(got, dict) or set(got) != set(names):
             raise CheckFailed(f"{case}: return a dict with the keys {list(names)}, got "
                               f"{sorted(got) if isinstance(got, dict) else type(got).__name__}")
-        variants = _mlp_variants(t, grad_logits)
+        mistakes = _mlp_mistakes(t, grad_logits)
         for name in names:
             try:
                 compare(case, got[name], params[name].grad, f"the gradient of {name}")
             except CheckFailed as failure:
-                raise diagnose(failure, got[name], variants[name], TOLERANCES[grad_logits.dtype]) from None
+                raise diagnose(failure, got[name], mistakes[name], TOLERANCES[grad_logits.dtype]) from None
 
 
-def _mlp_variants(t, grad_logits):
+def _mlp_mistakes(t, grad_logits):
     """name -> {words: tensor}: the usual wrong gradients of the tile's score MLP (a ReLU's derivative left out,
     dA and dBk summed over the wrong axis)."""
     names = ("A", "Bk", "W2", "b2", "W3", "b3")
@@ -562,12 +563,12 @@ def _mlp_variants(t, grad_logits):
         return dict(zip(names, grads)), grads[-1]
 
     (first, _), (second, _), (_, grad_pre1) = gradients(True, False), gradients(False, True), gradients(False, False)
-    variants = {name: {"the gradient without the first ReLU's derivative (mask it with pre-activation > 0)":
+    mistakes = {name: {"the gradient without the first ReLU's derivative (mask it with pre-activation > 0)":
                        first[name], "the gradient without the second ReLU's derivative (mask it with "
                                     "pre-activation > 0)": second[name]} for name in names}
-    variants["A"]["dA summed over the queries instead of the keys"] = grad_pre1.sum(dim=0)  # (bs, h1)
-    variants["Bk"]["dBk summed over the keys instead of the queries"] = grad_pre1.sum(dim=1)  # (bl, h1)
-    return variants
+    mistakes["A"]["dA summed over the queries instead of the keys"] = grad_pre1.sum(dim=0)  # (bs, h1)
+    mistakes["Bk"]["dBk summed over the keys instead of the queries"] = grad_pre1.sum(dim=1)  # (bl, h1)
+    return mistakes
 
 
 # ------------------------------------------------------------------------------------------------------------ A6
@@ -737,19 +738,19 @@ def _check_triton_attention(triton_attention, generator):
         got = call(case, triton_attention, q, k, v, block_n)
         _compare_out_and_logsumexp(case, got, expected_out, expected_lse, single_block_ok,
                                    "rescale l_i and acc by exp(m_i - m_new)",
-                                   lambda: _kernel_variants(q, k, v, block_n))
+                                   lambda: _kernel_mistakes(q, k, v, block_n))
         single_block_ok = True
 
 
-def _kernel_variants(q, k, v, block_n):
+def _kernel_mistakes(q, k, v, block_n):
     """The usual wrong Triton forwards: the online softmax's, no scale, and the last block's padding keys kept."""
     scale = 1 / math.sqrt(q.shape[-1])
-    variants = online_variants(lambda start, stop: q @ k[..., start:stop, :].transpose(-2, -1) * scale, v, block_n)
+    mistakes = online_mistakes(lambda start, stop: q @ k[..., start:stop, :].transpose(-2, -1) * scale, v, block_n)
     pad = -(-k.shape[-2] // block_n) * block_n - k.shape[-2]  # the keys past the end in the last block
     padded_k, padded_v = (torch.cat([t, torch.zeros(*t.shape[:-2], pad, t.shape[-1])], dim=-2) for t in (k, v))
     for words, (k_, v_, scale_) in (("attention without the 1/sqrt(E) scaling", (k, v, 1.0)),
                                     ("attention that lets the keys past the end (loaded as 0) into the softmax: mask "
                                      "them with -inf", (padded_k, padded_v, scale))):
-        variants["out"][words] = dot_product_attention(q, k_, v_, scale=scale_)
-        variants["logsumexp"][words] = torch.logsumexp(q @ k_.transpose(-2, -1) * scale_, dim=-1)
-    return variants
+        mistakes["out"][words] = dot_product_attention(q, k_, v_, scale=scale_)
+        mistakes["logsumexp"][words] = torch.logsumexp(q @ k_.transpose(-2, -1) * scale_, dim=-1)
+    return mistakes

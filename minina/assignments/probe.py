@@ -37,7 +37,7 @@ ATEN = "an aten scaled_dot_product op"
 _SETPROFILE, _GETPROFILE = sys.setprofile, sys.getprofile  # bound now, before any notebook code runs
 _ENGINE = torch.autograd.Variable._execution_engine  # run_backward on it is every backward pass
 _STUB = re.compile(r"^A\d+\.\w+$")  # the message of a stub's NotImplementedError: the exercise id
-_INTERNALS = ("minina.chunked", "minina.compiled", "minina.triton_kernels", "minina.assignments.exercises",
+_INTERNALS = ("minina.chunked", "minina.tiles", "minina.triton_kernels", "minina.assignments.exercises",
               "minina.assignments.checks")  # minina code that computes the exercises' answers
 
 
@@ -73,7 +73,7 @@ def _modules(*names):
 
 def _codes():
     """label -> the code objects of the Python functions an exercise may forbid."""
-    from minina import attention, chunked, masks, modules
+    from minina import attention, chunked, masks, modules, tiles
 
     forward_mode = [getattr(torch.func, name) for name in dir(torch.func) if not name.startswith("_")]
     return {
@@ -81,8 +81,7 @@ def _codes():
         "minina.attention_bias": _code_objects(masks.attention_bias),
         "minina.dot_product_attention": _code_objects(attention.dot_product_attention, attention.sdpa_attention,
                                                       attention.attention_weights),
-        "minina.neural_attention": _code_objects(attention.neural_attention, attention.reference_neural_attention,
-                                                 attention.triton_neural_attention, chunked),
+        "minina.neural_attention": _code_objects(attention.neural_attention, chunked, tiles),
         "minina.triton_kernels": _code_objects(*_modules("minina.triton_kernels")),
         "minina.MultiHeadAttention": _code_objects(modules.MultiHeadAttention.forward),
         "NeuralScore.logits": _code_objects(NeuralScore.logits),

@@ -47,7 +47,7 @@ FRAMES = {"gi_frame", "gi_code", "cr_frame", "cr_code", "ag_frame", "ag_code", "
           "f_globals", "f_locals", "f_builtins", "f_code", "f_trace", "co_code", "co_consts", "co_names"}  # frames
 DUNDERS = {"__version__", "__name__", "__doc__"}  # read-only strings: the notebooks print versions
 MAGICS = {"pip", "matplotlib"}  # the line magics a notebook may use: the Colab install, inline plots
-INTERNALS = ("minina.chunked", "minina.compiled", "minina.triton_kernels", "minina.modules", "minina.models")
+INTERNALS = ("minina.chunked", "minina.tiles", "minina.triton_kernels", "minina.modules", "minina.models")
 UNSEEN = ("torch.jit", "torch.compile", "torch.fx", "torch.export")  # compiled code the runtime watch cannot follow
 
 
@@ -55,7 +55,7 @@ def _forbidden_objects():
     """label of probe.FORBIDDABLE -> objects the exercise's code may not reach (a module forbids all it holds)."""
     import torch
 
-    from .. import attention, chunked, masks, modules
+    from .. import attention, chunked, masks, modules, tiles
 
     try:
         from .. import triton_kernels
@@ -66,8 +66,7 @@ def _forbidden_objects():
             "minina.attention_bias": [masks.attention_bias],
             "minina.dot_product_attention": [attention.dot_product_attention, attention.sdpa_attention,
                                              attention.attention_weights],
-            "minina.neural_attention": [attention.neural_attention, attention.reference_neural_attention,
-                                        attention.triton_neural_attention, chunked],
+            "minina.neural_attention": [attention.neural_attention, chunked, tiles],
             "minina.triton_kernels": [triton_kernels] if triton_kernels else [],
             "minina.MultiHeadAttention": [modules],
             "NeuralScore.logits": [], "NeuralScore.split": [],  # judged by attribute, see _attribute_violation

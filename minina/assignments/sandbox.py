@@ -41,7 +41,7 @@ def kernel_environment(folder):
     folder = Path(folder)
     env = dict(PATH=f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin", HOME=str(folder),
                LANG="C.UTF-8", TERM="dumb", USER="nobody", LOGNAME="nobody", MPLBACKEND="Agg",
-               MININA_COMPILE=os.environ.get("MININA_COMPILE", "0"), IPYTHONDIR=str(folder / ".ipython"),
+               IPYTHONDIR=str(folder / ".ipython"),
                MPLCONFIGDIR=str(folder / ".matplotlib"), XDG_CACHE_HOME=str(folder / ".cache"),
                TRITON_CACHE_DIR=str(folder / ".triton"), TORCHINDUCTOR_CACHE_DIR=str(folder / ".inductor"),
                JUPYTER_RUNTIME_DIR=str(folder / ".jupyter"), JPY_PARENT_PID="1")  # 1: no console banner

@@ -114,14 +114,10 @@ def _read_proc_status(field):
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
 
 
-def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_dim=64, proj_dim=2, causal=True,
-            repeats=3, threads=None, seed=0, pass_="fwd+bwd"):
-    """One case in this process: {"time_s", "peak_mib"} of one pass_ (see the module docstring)."""
+def _prepared(backend, n, device, dtype, batch, heads, head_dim, proj_dim, is_causal, seed, pass_):
+    """A function that runs one pass_ of backend at N=n, once warmed up (see the module docstring)."""
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
-    if threads:
-        torch.set_num_threads(threads)
-    device, dtype = torch.device(device), getattr(torch, dtype)
     torch.manual_seed(seed)
     attention = CONTENDERS[backend][0]
     score = NeuralScore(head_dim, proj_dim).to(device, dtype)
@@ -137,9 +133,9 @@ def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_di
             leaf.grad = None
         if pass_ == "fwd":
             with torch.no_grad():
-                attention(q, k, v, score, causal)
+                attention(q, k, v, score, is_causal)
         else:
-            attention(q, k, v, score, causal).backward(grad_out)
+            attention(q, k, v, score, is_causal).backward(grad_out)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -147,25 +143,55 @@ def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_di
     tensors = inputs(n)
     if backend in TUNED_PER_SHAPE:
         run(*tensors)  # nor is autotuning for this shape
+    return lambda: run(*tensors)
+
+
+def measure(backend, n, device="cpu", dtype="float32", batch=1, heads=8, head_dim=64, proj_dim=2, is_causal=True,
+            repeats=3, threads=None, seed=0, pass_="fwd+bwd"):
+    """One case in this process: {"time_s", "peak_mib"} of one pass_ (see the module docstring)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device, dtype = torch.device(device), getattr(torch, dtype)
+    run = _prepared(backend, n, device, dtype, batch, heads, head_dim, proj_dim, is_causal, seed, pass_)
     memory = _PeakMemory(device)
     in_use = memory.start()
     start = time.perf_counter()
-    run(*tensors)
+    run()
     times = [time.perf_counter() - start]
     peak = memory.stop() - in_use
     for _ in range(repeats):
         if sum(times) > TIME_BUDGET_S:
             break
         start = time.perf_counter()
-        run(*tensors)
+        run()
         times.append(time.perf_counter() - start)
     return {"time_s": statistics.median(times[1:] or times), "peak_mib": peak / MIB}
 
 
-def measure_in_fresh_process(**case):
-    """measure(**case) in a new Python process; raises RuntimeError with its stderr if it fails."""
-    code = ("import json, sys; from minina.tools.bench import measure; "
-            "print(json.dumps(measure(**json.loads(sys.argv[1]))))")
+def measure_alternating(backends, n, device="cpu", dtype="float32", batch=1, heads=8, head_dim=64, proj_dim=2,
+                        is_causal=True, repeats=3, threads=None, seed=0, pass_="fwd+bwd"):
+    """The backends' cases in this one process, taking turns: each is prepared (warmed up), then `repeats` rounds
+    run each backend once in order. {backend: {"time_s": median, "rounds": [seconds per round]}}; no memory (the
+    allocator's pages are shared by the backends here)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device, dtype = torch.device(device), getattr(torch, dtype)
+    runs = {backend: _prepared(backend, n, device, dtype, batch, heads, head_dim, proj_dim, is_causal, seed, pass_)
+            for backend in backends}
+    rounds = {backend: [] for backend in backends}
+    for _ in range(max(repeats, 1)):
+        for backend, run in runs.items():
+            start = time.perf_counter()
+            run()
+            rounds[backend].append(time.perf_counter() - start)
+    return {backend: {"time_s": statistics.median(times), "rounds": times} for backend, times in rounds.items()}
+
+
+def measure_in_fresh_process(function="measure", **case):
+    """measure(**case) (or measure_alternating) in a new Python process; raises RuntimeError with its stderr if it
+    fails."""
+    code = (f"import json, sys; from minina.tools.bench import {function}; "
+            f"print(json.dumps({function}(**json.loads(sys.argv[1]))))")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(case)], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"benchmark case {case} failed:\n{result.stderr[-2000:]}")
@@ -173,19 +199,23 @@ def measure_in_fresh_process(**case):
 
 
 def benchmark(ns=(256, 512, 1024, 2048, 4096), device="cpu", dtype=torch.float32, backends=None, batch=1, heads=8,
-              head_dim=64, proj_dim=2, causal=True, repeats=3, threads=None, max_n=None, progress=print,
-              passes=("fwd+bwd",)):
+              head_dim=64, proj_dim=2, is_causal=True, repeats=3, threads=None, max_n=None, progress=print,
+              passes=("fwd+bwd",), rounds=1, same_process=False):
     """Time and peak extra memory of one pass for each backend, pass and N; returns a list of dict rows.
 
     backends: names from CONTENDERS (default: all that run on device); max_n: {backend: largest N to run}
-    (default DEFAULT_MAX_N); passes: from PASSES. Each row: backend, pass, n, time_s, peak_mib, time_vs_sdpa,
-    memory_vs_sdpa (None without an sdpa row at that pass and N) and the settings. progress(text) is called once
-    per case.
+    (default DEFAULT_MAX_N); passes: from PASSES. Each case runs in a fresh process, `rounds` times, the backends
+    taking turns (round 1 runs every case, then round 2 ...); with same_process, the backends of one (pass, N) take
+    turns inside one process for `repeats` rounds instead, and no memory is measured. Each row: backend, pass, n,
+    time_s and peak_mib (medians over rounds), time_vs_sdpa and memory_vs_sdpa (the median of each round's own
+    ratio; None without an sdpa case), method and the settings. progress(text) is called once per process started.
     """
     if not ns or any(not isinstance(n, int) or n < 1 for n in ns):
         raise ValueError(f"ns must be a non-empty list of positive ints, got {ns!r}")
     if not passes or any(pass_ not in PASSES for pass_ in passes):
         raise ValueError(f"passes must be a non-empty list from {PASSES}, got {passes!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
     device = torch.device(device)
     dtype_name = str(dtype).removeprefix("torch.")
     backends = [name for name, (_, devices) in CONTENDERS.items() if device.type in devices] if backends is None \
@@ -195,22 +225,40 @@ def benchmark(ns=(256, 512, 1024, 2048, 4096), device="cpu", dtype=torch.float32
         raise ValueError(f"backends must be names from {sorted(CONTENDERS)}, got {unknown}")
     max_n = DEFAULT_MAX_N if max_n is None else max_n
     settings = dict(device=str(device), dtype=dtype_name, batch=batch, heads=heads, head_dim=head_dim,
-                    proj_dim=proj_dim, causal=causal, threads=threads or torch.get_num_threads())
-    rows = []
-    for pass_ in passes:
-        for n in ns:
-            for backend in backends:
-                if n > max_n.get(backend, n):
-                    continue
+                    proj_dim=proj_dim, is_causal=is_causal, threads=threads or torch.get_num_threads())
+    cases = [(pass_, n, backend) for pass_ in passes for n in ns for backend in backends if n <= max_n.get(backend, n)]
+    measured = {case: [] for case in cases}  # (pass, n, backend) -> one {"time_s", "peak_mib"} per round
+    for round_ in range(rounds):
+        if same_process:
+            for pass_, n in dict.fromkeys((pass_, n) for pass_, n, _ in cases):
+                names = [backend for p, m, backend in cases if (p, m) == (pass_, n)]
                 if progress:
-                    progress(f"  {backend} {pass_} N={n} ...")
-                figures = measure_in_fresh_process(backend=backend, n=n, repeats=repeats, pass_=pass_, **settings)
-                rows.append({"backend": backend, "pass": pass_, "n": n, **figures, **settings})
-    sdpa = {(row["pass"], row["n"]): row for row in rows if row["backend"] == "sdpa"}
-    for row in rows:
-        base = sdpa.get((row["pass"], row["n"]))
-        row["time_vs_sdpa"] = row["time_s"] / base["time_s"] if base else None
-        row["memory_vs_sdpa"] = row["peak_mib"] / base["peak_mib"] if base and base["peak_mib"] > 0 else None
+                    progress(f"  {' / '.join(names)} {pass_} N={n}, taking turns in one process ...")
+                figures = measure_in_fresh_process("measure_alternating", backends=names, n=n, repeats=repeats,
+                                                   pass_=pass_, **settings)
+                for backend in names:
+                    measured[(pass_, n, backend)] += [{"time_s": t, "peak_mib": None}
+                                                      for t in figures[backend]["rounds"]]
+            break  # one process holds every round
+        for pass_, n, backend in cases:
+            if progress:
+                progress(f"  {backend} {pass_} N={n}{f' (round {round_ + 1} of {rounds})' if rounds > 1 else ''} ...")
+            measured[(pass_, n, backend)].append(measure_in_fresh_process(backend=backend, n=n, repeats=repeats,
+                                                                          pass_=pass_, **settings))
+    method = "one process, backends taking turns" if same_process else "a fresh process per case"
+    rows = []
+    for (pass_, n, backend), figures in measured.items():
+        base = measured.get((pass_, n, "sdpa"))
+        peaks = [f["peak_mib"] for f in figures if f["peak_mib"] is not None]
+        time_ratios = [f["time_s"] / b["time_s"] for f, b in zip(figures, base)] if base else []
+        memory_ratios = [f["peak_mib"] / b["peak_mib"] for f, b in zip(figures, base)
+                         if f["peak_mib"] is not None and b["peak_mib"]] if base else []
+        rows.append({"backend": backend, "pass": pass_, "n": n,
+                     "time_s": statistics.median(f["time_s"] for f in figures),
+                     "peak_mib": statistics.median(peaks) if peaks else None,
+                     "time_vs_sdpa": statistics.median(time_ratios) if time_ratios else None,
+                     "memory_vs_sdpa": statistics.median(memory_ratios) if memory_ratios else None,
+                     "rounds": len(figures), "method": method, **settings})
     return rows
 
 
@@ -226,8 +274,9 @@ def timing_table(rows):
              f"| --- | {pass_rule}---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         pass_cell = f"{row['pass']} | " if several else ""
+        peak = "" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
         lines.append(f"| {row['backend']} | {pass_cell}{row['n']} | {1000 * row['time_s']:.1f} | "
-                     f"{row['peak_mib']:.1f} | {_ratio(row['time_vs_sdpa'])} | {_ratio(row['memory_vs_sdpa'])} |")
+                     f"{peak} | {_ratio(row['time_vs_sdpa'])} | {_ratio(row['memory_vs_sdpa'])} |")
     return "\n".join(lines)
 
 
@@ -235,6 +284,7 @@ def growth_summary(rows):
     """Lines comparing chunked with the reference at the largest shared N, and memory growth per doubling of N,
     from the forward+backward rows (all rows if there are none)."""
     rows = [row for row in rows if row.get("pass", "fwd+bwd") == "fwd+bwd"] or rows
+    rows = [row for row in rows if row["peak_mib"] is not None]
     by_key = {(row["backend"], row["n"]): row for row in rows}
     lines = []
     shared = [n for backend, n in by_key if backend == "chunked" and ("reference", n) in by_key]
@@ -268,7 +318,9 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    memory = all(row["peak_mib"] is not None for row in rows)  # measured in fresh processes only
+    figure, axes = plt.subplots(1, 2 if memory else 1, figsize=(10 if memory else 6, 4), squeeze=False)
+    time_axis, memory_axis = axes[0][0], axes[0][-1] if memory else None
     passes = list(dict.fromkeys(row.get("pass", "fwd+bwd") for row in rows))
     for backend, pass_ in dict.fromkeys((row["backend"], row.get("pass", "fwd+bwd")) for row in rows):
         own = [row for row in rows if row["backend"] == backend and row.get("pass", "fwd+bwd") == pass_]
@@ -276,11 +328,12 @@ def plot(rows, path):
         label, style = (f"{backend} {pass_}", "o-" if pass_ == "fwd+bwd" else "s--") if len(passes) > 1 \
             else (backend, "o-")
         time_axis.plot(ns, [row["time_s"] for row in own], style, label=label)
-        memory_axis.plot(ns, [max(row["peak_mib"], 1e-2) for row in own], style, label=label)  # log needs > 0
+        if memory:
+            memory_axis.plot(ns, [max(row["peak_mib"], 1e-2) for row in own], style, label=label)  # log needs > 0
     first = rows[0]
     time_label = {("fwd+bwd",): "forward + backward time (s)", ("fwd",): "forward time (s)"}.get(tuple(passes),
                                                                                                  "time (s)")
-    for axis, label in ((time_axis, time_label), (memory_axis, "peak extra memory (MiB)")):
+    for axis, label in ((time_axis, time_label), (memory_axis, "peak extra memory (MiB)"))[:2 if memory else 1]:
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("sequence length N")
@@ -288,7 +341,7 @@ def plot(rows, path):
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     figure.suptitle(f"B={first['batch']}, H={first['heads']}, head_dim={first['head_dim']}, d'={first['proj_dim']}, "
-                    f"{'causal' if first['causal'] else 'full'}, {first['dtype']}, {first['device']}, "
+                    f"{'causal' if first['is_causal'] else 'full'}, {first['dtype']}, {first['device']}, "
                     f"{first['threads']} CPU thread(s)")
     figure.tight_layout()
     path = Path(path)
@@ -352,9 +405,14 @@ def add_arguments(parser):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--proj-dim", type=int, default=2, help="d' of the neural score (default 2, the paper's)")
-    parser.add_argument("--no-causal", dest="causal", action="store_false", help="full instead of causal attention")
+    parser.add_argument("--no-causal", dest="is_causal", action="store_false", help="full instead of causal attention")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the measured one (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every case this many times, the backends taking turns, and report medians")
+    parser.add_argument("--same-process", action="store_true",
+                        help="time the backends of one N taking turns in one process (--repeats rounds), not each "
+                             "in a fresh process; no memory figures")
     parser.add_argument("--reference-max-n", type=int, default=DEFAULT_MAX_N["reference"],
                         help="skip the reference above this N (default %(default)s)")
     parser.add_argument("--check", action="store_true",
@@ -382,14 +440,16 @@ def main(args):
     passes = args.passes or (PASSES if args.check else ("fwd+bwd",))
     rows = benchmark(args.ns or (CHECK_NS if args.check else (256, 512, 1024, 2048, 4096)), args.device,
                      getattr(torch, dtype), args.backends or (CHECK_BACKENDS if args.check else None), args.batch,
-                     args.heads, args.head_dim, args.proj_dim, args.causal, args.repeats, args.threads,
-                     {"reference": args.reference_max_n}, passes=passes)
+                     args.heads, args.head_dim, args.proj_dim, args.is_causal, args.repeats, args.threads,
+                     {"reference": args.reference_max_n}, passes=passes, rounds=args.rounds,
+                     same_process=args.same_process)
     first = rows[0]
     where = torch.cuda.get_device_name(args.device) if first["device"].startswith("cuda") else \
         f"{first['device']}, {first['threads']} CPU thread(s)"
     description = (f"One {' / '.join(passes)} pass per case, B={args.batch}, H={args.heads}, head_dim={args.head_dim}, "
-                   f"d'={args.proj_dim}, {'causal' if args.causal else 'full'}, {dtype}, {where}; each case in a "
-                   "fresh process (method: python -c 'import minina.tools.bench; help(minina.tools.bench)').")
+                   f"d'={args.proj_dim}, {'causal' if args.is_causal else 'full'}, {dtype}, {where}; {first['method']}, "
+                   f"{first['rounds']} round(s), medians (method: python -c 'import minina.tools.bench; "
+                   "help(minina.tools.bench)').")
     write_csv(rows, out / "bench.csv")
     plot(rows, out / "bench.png")
     write_markdown(rows, out / "bench.md", description)

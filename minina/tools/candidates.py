@@ -1,7 +1,7 @@
 """The score options the learnability study measured and did not recommend (README "Training reliably").
 
 They live here, with the study, so that minina.NeuralScore keeps only the options a user is told to use, while
-every variant the study reports can still be run again. CandidateScore with NeuralScore's options alone is
+every candidate the study reports can still be run again. CandidateScore with NeuralScore's options alone is
 NeuralScore: the same layers, the same random draws, the same logits.
 """
 import math
@@ -91,12 +91,12 @@ class CandidateScore(NeuralScore):
                            f", zero_last={self.zero_last}" if self.zero_last != self.residual else ""])
         return super().extra_repr() + options
 
-    def split(self, q, k, dot_term=False):
+    def split(self, q, k, residual_term=False):
         """NeuralScore.split with a learned logit_scale folded into the last layer, so backends never see it."""
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} is a study option that only backend='reference' runs")
-        A, Bk, rest, *dot = super().split(q, k, dot_term)
+        A, Bk, rest, *residual = super().split(q, k, residual_term)
         if self.learn_scale:
             weight, bias = rest[-1]
             rest[-1] = (weight * self.logit_scale, bias * self.logit_scale)  # (1, h_last), (1,)
-        return (A, Bk, rest, *dot)
+        return (A, Bk, rest, *residual)

@@ -1,6 +1,6 @@
 """`python -m minina study-learnability`: which score options make training find what the score can express.
 
-Trains one attention head (probes.AttentionProbe) per (task, variant, seed) and asks, per task, how many seeds
+Trains one attention head (probes.AttentionProbe) per (task, candidate, seed) and asks, per task, how many seeds
 escape the dot-product floor (test MSE at most ESCAPE_FACTOR times the best dot-product run's) and how many reach
 the task's best test error within a margin (precision), and how fast. A run is within the margin when its test
 MSE is at most best + margin, best being the lowest test MSE of any run on that task; its steps to it are the
@@ -29,15 +29,15 @@ HELP = "success rate over seeds of score training options on probe tasks (CSV, t
 # and sizes, reported apart and never tuned on. Both map task -> number of keys; every run is one AttentionProbe,
 # Adam 3e-3, batch 256, head_dim 16, d' = 8, 1,500 steps. Per task, with the dot-product runs on the same seeds:
 # - escape: test MSE <= ESCAPE_FACTOR x the best dot-product run's (beating the floor no dot head passes);
-# - precision: test MSE - the best run among all variants run together (a count: within the margin, 0.05);
+# - precision: test MSE - the best run among all candidates run together (a count: within the margin, 0.05);
 # - stall: test MSE > the median dot-product run.
 # dot_floor_estimate gives each task's floor from its data alone, without training, as a check on the dot runs.
 PROBES = {"nearest_key": 8, "ring_key": 8, "nearest_2d": 8, "extreme_key": 8}
 HELD_OUT = {"ball_mean": 16, "annulus_2d": 12, "k_nearest": 16, "nearest_3d": 12}
 ESCAPE_FACTOR = 0.5
 
-# variant -> score_options for the probe's CandidateScore; None is the dot-product baseline
-VARIANTS = {
+# candidate -> score_options for the probe's CandidateScore; None is the dot-product baseline
+CANDIDATES = {
     "dot": None,
     "paper": {},
     "scale": {"learn_scale": True},
@@ -53,28 +53,28 @@ VARIANTS = {
     "residual+mlp-init": {"residual": True, "zero_last": False},
 }
 # what the command runs by default: the baselines, today's recommendation "wide+gelu" (README "Training
-# reliably") and the residual candidates; the others (kaiming, gelu, leaky, bias, wide, scale) run with --variants
-DEFAULT_VARIANTS = ("dot", "paper", "wide+gelu", "residual", "residual+wide+gelu", "residual+mlp-init")
+# reliably") and the residual candidates; the others (kaiming, gelu, leaky, bias, wide, scale) run with --candidates
+DEFAULT_CANDIDATES = ("dot", "paper", "wide+gelu", "residual", "residual+wide+gelu", "residual+mlp-init")
 CURVE_EVERY = 50  # training-loss curve resolution (steps) kept in the CSV
-FIELDS = ["task", "variant", "seed", "steps", "num_keys", "proj_dim", "test_mse", "seconds", "curve"]
-SUMMARY_FIELDS = ["family", "task", "variant", "seeds", "escapes", "escape_low", "escape_high", "within_margin",
+FIELDS = ["task", "candidate", "seed", "steps", "num_keys", "proj_dim", "test_mse", "seconds", "curve"]
+SUMMARY_FIELDS = ["family", "task", "candidate", "seeds", "escapes", "escape_low", "escape_high", "within_margin",
                   "margin_low", "margin_high", "stalls", "median_distance", "escape_threshold", "threshold",
                   "dot_median", "errors"]
 
 
-def train_run(task, variant, seed, steps=1500, num_keys=None, proj_dim=8):
-    """Train one probe of a VARIANTS entry on a TASKS entry; returns (CSV row with FIELDS, trained model).
+def train_run(task, candidate, seed, steps=1500, num_keys=None, proj_dim=8):
+    """Train one probe of a CANDIDATES entry on a TASKS entry; returns (CSV row with FIELDS, trained model).
 
     num_keys: None for the task's own (task_keys).
     """
     start = time.perf_counter()
     num_keys = task_keys(task) if num_keys is None else num_keys
-    kind = "dot" if VARIANTS[variant] is None else "neural"
+    kind = "dot" if CANDIDATES[candidate] is None else "neural"
     result = train_probe(kind, seed, steps=steps, num_keys=num_keys, proj_dim=proj_dim,
-                         score_options=VARIANTS[variant], task=task)
+                         score_options=CANDIDATES[candidate], task=task)
     losses = torch.tensor(result["losses"])
     curve = losses[: steps - steps % CURVE_EVERY].view(-1, CURVE_EVERY).mean(dim=1)  # (steps // CURVE_EVERY,)
-    row = {"task": task, "variant": variant, "seed": seed, "steps": steps, "num_keys": num_keys,
+    row = {"task": task, "candidate": candidate, "seed": seed, "steps": steps, "num_keys": num_keys,
            "proj_dim": proj_dim, "test_mse": result["test_mse"], "seconds": time.perf_counter() - start,
            "curve": " ".join(f"{x:.5f}" for x in curve.tolist())}
     return row, result["model"]
@@ -87,7 +87,11 @@ def _train_in_worker(job):
 
 def _read_csv(path):
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    if reader.fieldnames is not None and reader.fieldnames != FIELDS:
+        raise ValueError(f"{path} has the columns {reader.fieldnames}, this study writes {FIELDS} (a CSV of an older "
+                         "minina, whose 'variant' is now 'candidate'?): rename its columns or give another --out")
     complete = [row for row in rows if all(row.get(key) not in (None, "") for key in FIELDS[:8])]
     if len(complete) < len(rows):  # a run killed while its row was written: train it again
         warnings.warn(f"{path}: skipping {len(rows) - len(complete)} incomplete row(s); those runs are retrained")
@@ -124,22 +128,22 @@ def family(task):
     return "probes" if task in PROBES else "held-out" if task in HELD_OUT else "other"
 
 
-def run_study(tasks=tuple(PROBES), variants=DEFAULT_VARIANTS, seeds=10, steps=1500, num_keys=None, proj_dim=8,
+def run_study(tasks=tuple(PROBES), candidates=DEFAULT_CANDIDATES, seeds=10, steps=1500, num_keys=None, proj_dim=8,
               csv_path=None, workers=2, progress=True):
-    """Train every (task, variant, seed); returns the rows (dicts with FIELDS).
+    """Train every (task, candidate, seed); returns the rows (dicts with FIELDS).
 
     num_keys: keys per example, None for each task's own (task_keys). csv_path: append each finished run there and
     reuse the matching runs it already holds. workers > 1 trains runs in a process pool; every run uses one thread
     (these probes are too small to gain from more, and on a busy machine several threads per tiny op thrash).
     """
-    unknown = [t for t in tasks if t not in TASKS] + [v for v in variants if v not in VARIANTS]
+    unknown = [t for t in tasks if t not in TASKS] + [v for v in candidates if v not in CANDIDATES]
     if unknown:
-        raise ValueError(f"unknown tasks/variants {unknown}; tasks: {sorted(TASKS)}, variants: {list(VARIANTS)}")
+        raise ValueError(f"unknown tasks/candidates {unknown}; tasks: {sorted(TASKS)}, candidates: {list(CANDIDATES)}")
     if seeds < 1 or steps < CURVE_EVERY or workers < 1:
         raise ValueError(f"need seeds >= 1, steps >= {CURVE_EVERY}, workers >= 1; got {seeds}, {steps}, {workers}")
-    # seeds outermost, so an interrupted study holds the same seeds for every task and variant
+    # seeds outermost, so an interrupted study holds the same seeds for every task and candidate
     jobs = [(t, v, s, steps, num_keys or task_keys(t), proj_dim)
-            for s in range(seeds) for t in tasks for v in variants]
+            for s in range(seeds) for t in tasks for v in candidates]
     done = {}
     if csv_path is not None and Path(csv_path).exists():
         for row in _read_csv(csv_path):
@@ -228,8 +232,8 @@ def steps_to(curve, threshold):
     return next(((i + 1) * CURVE_EVERY for i, x in enumerate(values) if x <= threshold), None)
 
 
-def _variant_stats(runs, threshold, escape_threshold, dot, best, is_dot):
-    """One variant's measures on one task from its runs (rows sorted by seed); see summarize."""
+def _candidate_stats(runs, threshold, escape_threshold, dot, best, is_dot):
+    """One candidate's measures on one task from its runs (rows sorted by seed); see summarize."""
     errors = [row["test_mse"] for row in runs]
     wins = [row for row in runs if row["test_mse"] <= threshold]
     # a run that passed on the test set but whose noisy training average never did counts as its last step
@@ -248,30 +252,31 @@ def _variant_stats(runs, threshold, escape_threshold, dot, best, is_dot):
 
 
 def summarize(rows, margin=0.05):
-    """Per task and variant: test MSE per seed, mean ± std, escapes, precision, median steps, and stalls.
+    """Per task and candidate: test MSE per seed, mean ± std, escapes, precision, median steps, and stalls.
 
     escape: test MSE <= ESCAPE_FACTOR x the best dot-product run's on the task ("escapes", with its Wilson 95%
     interval "escape_interval"; None without "dot" runs). Precision: "distances" to the best run on the task
-    among all variants, and "successes", the runs within the margin of it, with their Wilson interval
+    among all candidates, and "successes", the runs within the margin of it, with their Wilson interval
     "interval". A run stalls when it ends worse than the median dot-product run on its task (counted for the
-    neural variants when "dot" was run).
+    neural candidates when "dot" was run).
     Returns {task: {"best", "threshold", "dot" (median dot run), "dot_best", "escape_threshold" (None without dot),
-    "variants": {variant: {...}}}}.
+    "candidates": {candidate: {...}}}}.
     """
     summary = {}
     for task in dict.fromkeys(row["task"] for row in rows):
         task_rows = [row for row in rows if row["task"] == task]
         best = min(row["test_mse"] for row in task_rows)
-        dot_errors = [row["test_mse"] for row in task_rows if row["variant"] == "dot"]
+        dot_errors = [row["test_mse"] for row in task_rows if row["candidate"] == "dot"]
         dot = statistics.median(dot_errors) if dot_errors else None
         dot_best = min(dot_errors) if dot_errors else None
         escape_threshold = None if dot_best is None else ESCAPE_FACTOR * dot_best
-        per_variant = {}
-        for variant in dict.fromkeys(row["variant"] for row in task_rows):
-            runs = sorted((row for row in task_rows if row["variant"] == variant), key=lambda row: row["seed"])
-            per_variant[variant] = _variant_stats(runs, best + margin, escape_threshold, dot, best, variant == "dot")
+        per_candidate = {}
+        for candidate in dict.fromkeys(row["candidate"] for row in task_rows):
+            runs = sorted((row for row in task_rows if row["candidate"] == candidate), key=lambda row: row["seed"])
+            per_candidate[candidate] = _candidate_stats(runs, best + margin, escape_threshold, dot, best,
+                                                        candidate == "dot")
         summary[task] = {"best": best, "threshold": best + margin, "dot": dot, "dot_best": dot_best,
-                         "escape_threshold": escape_threshold, "variants": per_variant}
+                         "escape_threshold": escape_threshold, "candidates": per_candidate}
     return summary
 
 
@@ -280,7 +285,7 @@ def _count(successes, trials, interval):
 
 
 def format_table(summary):
-    """The summary as a plain-text table, one line per (task, variant), the held-out family apart."""
+    """The summary as a plain-text table, one line per (task, candidate), the held-out family apart."""
     lines = []
     for name in ("probes", "held-out", "other"):
         tasks = [task for task in summary if family(task) == name]
@@ -288,15 +293,15 @@ def format_table(summary):
             continue
         if name == "held-out":
             lines.append("\nHeld-out family (reported apart, never tuned on):")
-        lines.append(f"{'task':<12} {'variant':<19} {'escaped (95% CI)':>17} {'within margin':>17} "
+        lines.append(f"{'task':<12} {'candidate':<19} {'escaped (95% CI)':>17} {'within margin':>17} "
                      f"{'median steps':>12} {'stalled':>8} {'test MSE mean ± std':>20}  per seed")
         for task in tasks:
             entry = summary[task]
-            for variant, stats in entry["variants"].items():
+            for candidate, stats in entry["candidates"].items():
                 steps = "-" if stats["median_steps"] is None else f"{stats['median_steps']:.0f}"
                 stalls = "-" if stats["stalls"] is None else f"{stats['stalls']}/{stats['seeds']}"
                 per_seed = " ".join(f"{e:.3f}" for e in stats["errors"])
-                lines.append(f"{task:<12} {variant:<19} "
+                lines.append(f"{task:<12} {candidate:<19} "
                              f"{_count(stats['escapes'], stats['seeds'], stats['escape_interval']):>17} "
                              f"{_count(stats['successes'], stats['seeds'], stats['interval']):>17} {steps:>12} "
                              f"{stalls:>8} {stats['mean']:>11.3f} ± {stats['std']:.3f}  {per_seed}")
@@ -312,9 +317,9 @@ def summary_rows(summary):
     """The summary as CSV rows with SUMMARY_FIELDS, the per-seed test MSE space-separated in "errors"."""
     rows = []
     for task, entry in summary.items():
-        for variant, stats in entry["variants"].items():
+        for candidate, stats in entry["candidates"].items():
             escape_low, escape_high = stats["escape_interval"] or ("", "")
-            rows.append({"family": family(task), "task": task, "variant": variant, "seeds": stats["seeds"],
+            rows.append({"family": family(task), "task": task, "candidate": candidate, "seeds": stats["seeds"],
                          "escapes": "" if stats["escapes"] is None else stats["escapes"],
                          "escape_low": escape_low, "escape_high": escape_high,
                          "within_margin": stats["successes"], "margin_low": stats["interval"][0],
@@ -328,7 +333,7 @@ def summary_rows(summary):
 
 
 def plot_study(rows, summary, path):
-    """Per task: test MSE of every seed per variant (top) and the median training curve per variant (bottom)."""
+    """Per task: test MSE of every seed per candidate (top) and the median training curve per candidate (bottom)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -337,24 +342,24 @@ def plot_study(rows, summary, path):
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7), squeeze=False)
     for column, task in enumerate(tasks):
         top, bottom = axes[0, column], axes[1, column]
-        variants = list(summary[task]["variants"])
-        for x, variant in enumerate(variants):
-            stats = summary[task]["variants"][variant]
+        candidates = list(summary[task]["candidates"])
+        for x, candidate in enumerate(candidates):
+            stats = summary[task]["candidates"][candidate]
             jitter = torch.linspace(-0.15, 0.15, len(stats["errors"])).tolist()
             top.scatter([x + j for j in jitter], stats["errors"], s=14, alpha=0.8)
             escaped = "-" if stats["escapes"] is None else stats["escapes"]
             top.annotate(f"{escaped}\n{stats['successes']}/{stats['seeds']}", (x, 1.0), ha="center", va="bottom",
                          xycoords=("data", "axes fraction"), fontsize=8)
             curves = [torch.tensor([float(v) for v in row["curve"].split()]) for row in rows
-                      if row["task"] == task and row["variant"] == variant]
+                      if row["task"] == task and row["candidate"] == candidate]
             median = torch.stack(curves).median(dim=0).values
-            bottom.plot([(i + 1) * CURVE_EVERY for i in range(len(median))], median.tolist(), label=variant)
+            bottom.plot([(i + 1) * CURVE_EVERY for i in range(len(median))], median.tolist(), label=candidate)
         for axis in (top, bottom):
             axis.axhline(summary[task]["threshold"], color="gray", linestyle="--", linewidth=1)
             if summary[task]["escape_threshold"] is not None:
                 axis.axhline(summary[task]["escape_threshold"], color="red", linestyle=":", linewidth=1)
             axis.set_yscale("log")
-        top.set_xticks(range(len(variants)), variants, rotation=35, ha="right", fontsize=8)
+        top.set_xticks(range(len(candidates)), candidates, rotation=35, ha="right", fontsize=8)
         top.set_title(f"{task} ({family(task)})", fontsize=9, pad=24)
         top.set_ylabel("test MSE per seed (log)")
         bottom.set_xlabel("training step")
@@ -368,15 +373,15 @@ def plot_study(rows, summary, path):
 
 
 def add_arguments(parser):
-    parser.add_argument("--seeds", type=int, default=10, help="seeds per task and variant (default 10)")
+    parser.add_argument("--seeds", type=int, default=10, help="seeds per task and candidate (default 10)")
     parser.add_argument("--steps", type=int, default=1500, help="Adam steps per run (default 1500)")
     parser.add_argument("--held-out", action="store_true",
                         help=f"run the held-out family ({' '.join(HELD_OUT)}) instead of the probes; it is "
                              "reported apart and never tuned on (README 'Training reliably', Protocol)")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS),
                         help=f"tasks to run instead of a family (default the probes: {' '.join(PROBES)})")
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
-                        help=f"score variants (default {' '.join(DEFAULT_VARIANTS)}); 'dot' is the dot-product "
+    parser.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES), choices=list(CANDIDATES),
+                        help=f"score candidates (default {' '.join(DEFAULT_CANDIDATES)}); 'dot' is the dot-product "
                              "baseline, needed for the escape and stall measures")
     parser.add_argument("--margin", type=float, default=0.05, help="precision: test MSE <= task best + margin (0.05)")
     parser.add_argument("--workers", type=int, default=2, help="training processes, one thread each (default 2)")
@@ -397,7 +402,7 @@ def main(args):
     start = time.perf_counter()
     out = Path(args.out)
     tasks = args.tasks or list(HELD_OUT if args.held_out else PROBES)
-    rows = run_study(tasks, args.variants, args.seeds, args.steps, csv_path=out / "results.csv",
+    rows = run_study(tasks, args.candidates, args.seeds, args.steps, csv_path=out / "results.csv",
                      workers=args.workers)
     summary = summarize(rows, args.margin)
     keys = ", ".join(f"{task} {task_keys(task)}" for task in tasks)

@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import inspect
+import json
 import math
 import os
 import pathlib
@@ -25,8 +27,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..attention import check_backend
+from ..models import MODEL_KINDS
+from ..scores import RELIABLE_SCORE_OPTIONS, NeuralScore
 from .checkpoint import append_metrics, load_checkpoint, save_checkpoint, start_metrics, write_config
-from .config import DTYPES, add_config_flags, check_config, check_device, config_from_args
+from .config import DTYPES, TrainConfig
+from .train_flags import add_config_flags, config_from_args
 from .train_tasks import TRAIN_TASKS
 
 HELP = "train a language model or a ViT with dot, neural or hybrid attention (resumable, torchrun-ready)"
@@ -36,11 +42,109 @@ MIB = 2 ** 20
 def build_model(config, vocab_size=None, num_classes=None, image_size=None, channels=None):
     """The TransformerLM (task "lm", needs vocab_size) or VisionTransformer (task "vit") that config describes.
 
-    For vit, image_size and channels are the data's; config.image_size, when set, overrides image_size.
+    For vit, image_size and channels are the data's; config.image_size, when set, overrides image_size. config is
+    checked first (train() checks it once and builds its model with the task's build_model directly).
     """
     check_config(config)
     sizes = dict(vocab_size=vocab_size, num_classes=num_classes, image_size=image_size, channels=channels)
     return TRAIN_TASKS[config.task].build_model(config, sizes)
+
+
+class ConfigError(ValueError):
+    """A TrainConfig value that cannot work: on the command line, a usage error (exit code 2)."""
+
+
+def check_config(config):
+    """Raise ConfigError (a ValueError) naming the field when a TrainConfig value cannot work.
+
+    train() calls it once, before anything else (then check_device); a config that passes builds its model.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    try:
+        _check_values(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _check_values(config):
+    """Raise ValueError naming the field whose value cannot work anywhere."""
+    if config.task not in TRAIN_TASKS:
+        raise ValueError(f"task must be one of {tuple(TRAIN_TASKS)}, got {config.task!r}")
+    if config.kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {config.kind!r}")
+    TRAIN_TASKS[config.task].check_dataset(config.dataset)
+    for name in ("dim", "depth", "heads", "seq_len", "batch_size", "grad_accum", "max_steps", "eval_every",
+                 "log_every", "patch_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in ("eval_batches", "image_size", "train_size", "proj_dim"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if config.dim % config.heads:
+        raise ValueError(f"dim ({config.dim}) must be divisible by heads ({config.heads})")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be > 0, got {config.lr!r}")
+    for name in ("weight_decay", "grad_clip", "warmup_steps"):
+        if not getattr(config, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)!r}")
+    if not 0 <= config.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {config.dropout!r}")
+    _check_score_options(config)
+    check_backend(config.backend)
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {config.dtype!r}")
+    if not isinstance(config.compile, bool):
+        raise ValueError(f"compile must be a bool, got {config.compile!r}")
+    if config.device != "auto":
+        try:
+            torch.device(config.device)
+        except RuntimeError:
+            raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', "
+                             f"got {config.device!r}") from None
+
+
+# The options the learnability study measured and rejected, a copy of minina.tools.candidates.REJECTED_OPTIONS (a
+# test holds them equal): a run refuses them with a hint, and never imports the study for it.
+REJECTED_OPTIONS = ("init", "learn_scale", "scale_init", "bias_init", "zero_last")  # and activation="leaky_relu"
+
+
+def _check_score_options(config):
+    """score_options must be keyword arguments NeuralScore takes, with values it accepts."""
+    options = config.score_options
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ValueError(f"score_options must be a dict or None, got {type(options).__name__}")
+    rejected = [name for name in options if name in REJECTED_OPTIONS]
+    rejected += ["activation='leaky_relu'"] if options.get("activation") == "leaky_relu" else []
+    hint = (f"; {', '.join(rejected)}: rejected by the learnability study, only its probes take "
+            f"{'it' if len(rejected) == 1 else 'them'} (minina.tools.candidates)" if rejected else "")
+    known = [name for name in inspect.signature(NeuralScore).parameters if name not in ("head_dim", "proj_dim")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"score_options has unknown key(s) {unknown}: NeuralScore takes {known} (proj_dim has its "
+                         f"own flag), e.g. {json.dumps(RELIABLE_SCORE_OPTIONS)}{hint}")
+    try:
+        NeuralScore(config.dim // config.heads, config.proj_dim, **options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"score_options {options}: {error}{hint}") from None
+
+
+def check_device(device):
+    """Raise ConfigError when device ("auto" or a torch device) names a GPU this machine does not have."""
+    if device == "auto" or torch.device(device).type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} needs a CUDA GPU, but torch.cuda.is_available() is False here (no "
+                          "NVIDIA GPU or driver, or a CPU-only PyTorch); use --device cpu, or auto to take a GPU "
+                          "where there is one")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"numbered from 0")
 
 
 def learning_rate_factor(step, warmup_steps, max_steps, final_factor=0.1):
@@ -98,7 +202,7 @@ def train(config, resume=False, progress=True, stop_after=None):
     out/checkpoint.pt exactly as if never stopped. stop_after=N pauses after step N (keeping the schedule of
     max_steps), like a Ctrl-C there.
     """
-    check_config(config)
+    check_config(config)  # the one check of a run, the command line's included
     check_device(config.device)
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
@@ -155,7 +259,7 @@ def _train(config, resume, progress, stop_after, rank, world, device, out, check
     trained, distributed = _wrap(run.model, config, world, device)
     autocast = functools.partial(_autocast, device.type, amp_dtype)
     end = min(config.max_steps, stop_after or config.max_steps)
-    bar = tqdm(total=config.max_steps, initial=run.step, desc=f"{config.task} {config.attention}", unit="step",
+    bar = tqdm(total=config.max_steps, initial=run.step, desc=f"{config.task} {config.kind}", unit="step",
                disable=not progress)
     clock = _Clock(device)
     with _StopOnInterrupt() as interrupt:
@@ -189,7 +293,7 @@ def _train(config, resume, progress, stop_after, rank, world, device, out, check
 
 def _new_run(config, task, device, amp_dtype):
     """A fresh model with its optimizer (AdamW), schedule (warmup, cosine) and gradient scaler (fp16 only)."""
-    model = build_model(config, **task.model_sizes).to(device)
+    model = task.build_model(config, task.model_sizes).to(device)  # config checked by train()
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, config.warmup_steps, config.max_steps))
@@ -353,23 +457,18 @@ def add_arguments(parser):
                              "models, which thrash on a busy machine with more; otherwise PyTorch's)")
 
 
-
-
 def main(args):
-    try:
-        config = config_from_args(args)
-        check_config(config)
-        check_device(config.device)
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    except ValueError as error:  # a mistake in the flags: one line and exit code 2, as argparse's own
-        raise argparse.ArgumentError(None, str(error)) from None
+    if args.threads is not None and args.threads < 1:
+        raise argparse.ArgumentError(None, f"--threads must be at least 1, got {args.threads}")
+    config = config_from_args(args)  # checked by train(), once
     on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     threads = args.threads if args.threads is not None else 1 if on_cpu else None
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         summary = train(config, resume=args.resume, stop_after=args.stop_after)
+    except ConfigError as error:  # a mistake in the flags: one line and exit code 2, as argparse's own
+        raise argparse.ArgumentError(None, str(error)) from None
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if summary["interrupted"]:

@@ -18,7 +18,7 @@ from .data import IMAGE_DATASETS, TEXT_DATASETS, lm_batches, lm_eval_batches, lo
 
 def model_options(config):
     """The keyword arguments both models take from a TrainConfig."""
-    return dict(dim=config.dim, depth=config.depth, heads=config.heads, attention=config.attention,
+    return dict(dim=config.dim, depth=config.depth, heads=config.heads, kind=config.kind,
                 dropout=config.dropout, backend=config.backend, proj_dim=config.proj_dim,
                 score_options=config.score_options)
 
@@ -57,7 +57,7 @@ class _Task:
 class LanguageModeling(_Task):
     """Next-token prediction on a text corpus (minina.tools.data.load_text): random windows of seq_len tokens."""
 
-    default_dataset, metric, items = "tinyshakespeare", "perplexity", "tokens"
+    metric, items = "perplexity", "tokens"
 
     @staticmethod
     def check_dataset(name):
@@ -105,7 +105,7 @@ class LanguageModeling(_Task):
 class ImageClassification(_Task):
     """Image classification (minina.tools.data.load_images): shuffled epochs, the last partial batch dropped."""
 
-    default_dataset, metric, items = "cifar10", "accuracy", "images"
+    metric, items = "accuracy", "images"
 
     @staticmethod
     def check_dataset(name):

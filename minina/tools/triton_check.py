@@ -37,11 +37,11 @@ def lively_score(head_dim, device="cpu", **options):
     return score.to(device)
 
 
-def make_mask(kind, shape, device="cpu"):
+def make_mask(mask_kind, shape, device="cpu"):
     """None, a boolean mask (True = may attend) with its first row fully masked, or a float mask with some -inf."""
-    if kind is None:
+    if mask_kind is None:
         return None
-    if kind == "bool":
+    if mask_kind == "bool":
         mask = torch.rand(shape, device=device) > 0.3
         mask[..., :1, :] = False  # a query with nothing to attend: zero output, no NaN
         return mask
@@ -62,7 +62,7 @@ def triton_grads(q, k, v, score, attn_mask, is_causal, d_out, **launch):
     from ..triton_kernels import triton_neural_attention
 
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = triton_neural_attention(*leaves, score, attn_mask, is_causal, **launch)
+    out = triton_neural_attention(*leaves, score, attn_mask, is_causal=is_causal, **launch)
     return [out, *torch.autograd.grad(out, [*leaves, *score.parameters()], d_out)]
 
 
@@ -170,11 +170,11 @@ def gpu_checks(device):
 
     checks = [(f"config {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}", lambda c=c: every_config(c))
               for c in AUTOTUNE_CONFIGS]
-    checks += [(f"L={L} S={S} causal={causal} mask={kind}", lambda a=(L, S, causal, kind): masks(*a))
-               for L, S in ((20, 35), (35, 20)) for causal in (False, True) for kind in (None, "bool", "float")]
-    checks += [(f"residual L={L} S={S} causal={causal} mask={kind}",
-                lambda a=(L, S, causal, kind): masks(*a, residual=True))
-               for L, S in ((20, 35), (35, 20)) for causal in (False, True) for kind in ("bool", "float")]
+    checks += [(f"L={L} S={S} causal={causal} mask={mask_kind}", lambda a=(L, S, causal, mask_kind): masks(*a))
+               for L, S in ((20, 35), (35, 20)) for causal in (False, True) for mask_kind in (None, "bool", "float")]
+    checks += [(f"residual L={L} S={S} causal={causal} mask={mask_kind}",
+                lambda a=(L, S, causal, mask_kind): masks(*a, residual=True))
+               for L, S in ((20, 35), (35, 20)) for causal in (False, True) for mask_kind in ("bool", "float")]
     checks += [(f"autotuned L={L} S={S}", lambda a=(L, S): lengths(*a)) for L, S in ((300, 257), (257, 300), (0, 20),
                                                                                   (20, 0), (2048, 2048))]
     checks += [("d'=16", lambda: lengths(64, 64, 32, proj_dim=16)),
