@@ -37,7 +37,6 @@ extensions = [
     "myst_nb",                   # Markdown pages and notebooks (its own MyST parser included)
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
-    "sphinx.ext.viewcode",
     "sphinx-mathjax-offline",    # MathJax 3 copied into _static/: math typesets without a network
 ]
 exclude_patterns = ["_build", "README.md"]
@@ -48,6 +47,7 @@ source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-n
 nb_execution_mode = "off"
 nb_ipywidgets_js = {}            # widget outputs show as text; no widget scripts from a CDN
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
+myst_dmath_double_inline = True  # the notebooks write $$...$$ inside a paragraph too, as Jupyter allows
 myst_heading_anchors = 3
 suppress_warnings = ["mystnb.unknown_mime_type"]
 
@@ -79,8 +79,15 @@ def docstring_as_written(app, what, name, obj, options, lines):
     each is shown as written, in a block that keeps its line breaks, so no markup in it is misread."""
     while lines and not lines[-1].strip():
         lines.pop()
-    if lines:
-        lines[:] = [".. code-block:: none", "   :class: docstring", ""] + ["   " + line for line in lines] + [""]
+    text = []  # a paragraph's lines joined, so the page wraps them; indented lines and list items kept as written
+    for line in lines:
+        starts_paragraph = not text or not text[-1] or text[-1].startswith(" ") or line.startswith((" ", "- "))
+        if line and not starts_paragraph:
+            text[-1] += " " + line
+        else:
+            text.append(line)
+    if text:
+        lines[:] = [".. code-block:: none", "   :class: docstring", ""] + ["   " + line for line in text] + [""]
 
 
 def badges_as_text(app, doctree, docname):
