@@ -4,6 +4,11 @@ Sphinx reads pages only under docs/, and the notebooks live in notebooks/. Rathe
 build copies notebooks/*.ipynb and the students' notebooks/assignments/*.ipynb into docs/notebooks/ (ignored by git)
 each time it starts, so a page's path on the site is the notebook's path in the repository. The solutions are never
 copied. MyST-NB renders each notebook from its committed outputs; nothing is executed.
+
+Why Sphinx with MyST-NB and sphinx-book-theme: all three are Python packages whose assets (the theme's scripts,
+styles and icon fonts; MathJax through sphinx-mathjax-offline) install with pip and are copied into the site, so the
+build and the built pages need no network and no server; Jupyter Book 1 is this same stack behind a config file,
+and Jupyter Book 2 needs Node.js and fetches its site template when it first builds.
 """
 import pathlib
 import shutil
