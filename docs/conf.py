@@ -46,7 +46,8 @@ extensions = [
 ]
 exclude_patterns = ["_build", "README.md"]
 templates_path = ["_templates"]
-source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}  # .rst first: autosummary writes .rst
+# .rst first: autosummary writes its generated pages with the first suffix, and they are reStructuredText
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 
 # The notebooks' committed outputs are the pages: never re-executed here, so the build needs neither data nor time.
 nb_execution_mode = "off"

@@ -77,4 +77,5 @@ def test_the_architecture_page_matches_the_tree():
     named = set(re.findall(r"`((?:tools/)?[a-z_]+\.py)`", section))
     files = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
              if path.parent.name != "assignments" and path.name not in ("__init__.py", "__main__.py")}
-    assert named == files, f"docs/architecture.md names {sorted(named - files)} that are gone, misses {sorted(files - named)}"
+    assert named == files, f"docs/architecture.md names {sorted(named - files)} that are gone, misses " \
+                           f"{sorted(files - named)}"

@@ -854,7 +854,8 @@ def test_the_wheel_ships_the_assignments():
 
 
 def render_forbid(forbid):
-    """An exercise's forbid= as the teaching guide's table writes it: the fused and ready-made attention as "attention"."""
+    """An exercise's forbid= as the teaching guide's table writes it: the fused and ready-made attention as
+    "attention"."""
     from minina.assignments.exercises import ATTENTION_CALLS
 
     words = {"autograd (backward or torch.autograd.grad)": "autograd (`backward`, `torch.autograd.grad`)"}

@@ -263,3 +263,14 @@ def test_notebook_page_in_the_browser(site, browser, path):
     figures = sum("image/png" in output.get("data", {}) for cell in json.loads(path.read_text(encoding="utf-8"))[
         "cells"] for output in cell.get("outputs", []))
     assert seen["images"] >= figures, f"{page_of(path)} shows {seen['images']} images for {figures} figures"
+
+
+def test_the_api_reference_lists_every_core_module():
+    """docs/api.md's list of modules (the one place to update when modules move) names every file of the core."""
+    listed = set(re.findall(r"^\s+(minina(?:\.\w+)*)$", (ROOT / "docs" / "api.md").read_text(encoding="utf-8"), re.M))
+    core = {f"minina.{path.stem}" for path in (ROOT / "minina").glob("*.py")
+            if path.stem not in ("__init__", "__main__")}
+    assert core <= listed, f"docs/api.md misses {sorted(core - listed)}"
+    missing = [name for name in listed if not (ROOT / Path(*name.split("."))).with_suffix(".py").is_file()
+               and not (ROOT / Path(*name.split(".")) / "__init__.py").is_file()]
+    assert not missing, f"docs/api.md lists modules that are gone: {missing}"
