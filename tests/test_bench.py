@@ -154,7 +154,7 @@ def test_backends_take_turns_in_one_process(monkeypatch):
         assert figures[name]["time_s"] == pytest.approx(sorted(figures[name]["rounds"])[1])
 
 
-def test_rounds_and_one_process_rows():
+def test_rounds_and_one_process_rows(tmp_path):
     fresh = bench.benchmark(ns=[32], backends=["sdpa", "chunked"], heads=2, repeats=1, threads=1, rounds=2,
                             progress=None)
     assert [(row["backend"], row["rounds"], row["method"]) for row in fresh] == [
@@ -166,5 +166,7 @@ def test_rounds_and_one_process_rows():
     assert all(row["peak_mib"] is None and row["memory_vs_sdpa"] is None for row in same)
     assert same[0]["time_vs_sdpa"] == 1.0 and same[1]["time_vs_sdpa"] > 0
     assert "| chunked | 32 |" in bench.timing_table(same)
+    bench.plot(same, tmp_path / "same.png")  # the time axis alone: no memory was measured
+    assert (tmp_path / "same.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="rounds must be a positive int"):
         bench.benchmark(ns=[32], rounds=0)

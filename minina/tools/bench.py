@@ -318,7 +318,9 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    memory = all(row["peak_mib"] is not None for row in rows)  # measured in fresh processes only
+    figure, axes = plt.subplots(1, 2 if memory else 1, figsize=(10 if memory else 6, 4), squeeze=False)
+    time_axis, memory_axis = axes[0][0], axes[0][-1] if memory else None
     passes = list(dict.fromkeys(row.get("pass", "fwd+bwd") for row in rows))
     for backend, pass_ in dict.fromkeys((row["backend"], row.get("pass", "fwd+bwd")) for row in rows):
         own = [row for row in rows if row["backend"] == backend and row.get("pass", "fwd+bwd") == pass_]
@@ -326,21 +328,18 @@ def plot(rows, path):
         label, style = (f"{backend} {pass_}", "o-" if pass_ == "fwd+bwd" else "s--") if len(passes) > 1 \
             else (backend, "o-")
         time_axis.plot(ns, [row["time_s"] for row in own], style, label=label)
-        if all(row["peak_mib"] is not None for row in own):  # measured in fresh processes only
+        if memory:
             memory_axis.plot(ns, [max(row["peak_mib"], 1e-2) for row in own], style, label=label)  # log needs > 0
     first = rows[0]
     time_label = {("fwd+bwd",): "forward + backward time (s)", ("fwd",): "forward time (s)"}.get(tuple(passes),
                                                                                                  "time (s)")
-    for axis, label in ((time_axis, time_label), (memory_axis, "peak extra memory (MiB)")):
+    for axis, label in ((time_axis, time_label), (memory_axis, "peak extra memory (MiB)"))[:2 if memory else 1]:
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("sequence length N")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
-        if axis.get_lines():
-            axis.legend()
-        else:
-            axis.set_title("not measured with the backends in one process")
+        axis.legend()
     figure.suptitle(f"B={first['batch']}, H={first['heads']}, head_dim={first['head_dim']}, d'={first['proj_dim']}, "
                     f"{'causal' if first['is_causal'] else 'full'}, {first['dtype']}, {first['device']}, "
                     f"{first['threads']} CPU thread(s)")
