@@ -792,7 +792,7 @@ def test_gradescope_autograder_zip_end_to_end(tmp_path):
     import zipfile
 
     archive, private = tmp_path / "autograder.zip", tmp_path / "private_checks.py"
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs" / "teaching.md").read_text(encoding="utf-8")  # the teaching guide's private checks
     private.write_text(re.search(r"```python\n(# private_checks.py\n.*?)```", readme, re.S)[1], encoding="utf-8")
     result = subprocess.run([sys.executable, "-m", "minina", "assignments", "autograder", "A1", "--out", archive,
                              "--timeout", "30", "--seed", "3", "--visibility", "after_due_date", "--extra-checks",
@@ -857,7 +857,8 @@ def test_the_wheel_ships_the_assignments():
 
 
 def render_forbid(forbid):
-    """An exercise's forbid= as the README's table writes it: the fused and ready-made attention as "attention"."""
+    """An exercise's forbid= as the teaching guide's table writes it: the fused and ready-made attention as
+    "attention"."""
     from minina.assignments.exercises import ATTENTION_CALLS
 
     words = {"autograd (backward or torch.autograd.grad)": "autograd (`backward`, `torch.autograd.grad`)"}
@@ -865,9 +866,10 @@ def render_forbid(forbid):
     return ", ".join(items + (["attention"] if set(ATTENTION_CALLS) <= set(forbid) else []))
 
 
-def test_readme_lists_the_forbidden_calls_of_every_exercise():
-    """The README's table of forbidden calls is the exercises' own forbid= declarations, row for row."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_teaching_guide_lists_the_forbidden_calls_of_every_exercise():
+    """The teaching guide's table of forbidden calls (docs/teaching.md) is the exercises' own forbid= declarations,
+    row for row."""
+    readme = (ROOT / "docs" / "teaching.md").read_text(encoding="utf-8")
     section = readme[readme.index("Forbidden calls per exercise"):]
     rows = re.findall(r"^\| ((?:A\d\.\w+(?:, )?)+) \| (.+?) \|$", section[:section.index("\n\n", section.index("|"))],
                       re.M)

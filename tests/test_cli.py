@@ -17,6 +17,7 @@ from minina.tools.config import TrainConfig
 from minina.tools.cli import COMMANDS, main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+TRAINING_PAGE = Path(__file__).resolve().parents[1] / "docs" / "training.md"  # the course site's Training page
 
 
 def test_readme_quick_start_runs():
@@ -163,13 +164,13 @@ def test_train_threads_sets_torchs_threads(monkeypatch):
     assert seen == {"threads": 1}
 
 
-def test_readme_training_commands_give_the_reliable_score_on_every_shell():
+def test_training_page_commands_give_the_reliable_score_on_every_shell():
     """The --score-options example is the study's pick, written for POSIX shells (single quotes) and for Windows,
     whose programs split their command line by the C runtime's rules (subprocess.list2cmdline writes them)."""
     from minina.scores import RELIABLE_SCORE_OPTIONS
 
-    text = README.read_text(encoding="utf-8")
-    training = re.search(r"^## Training\n(.*?)^## ", text, re.M | re.S).group(1)
+    text = TRAINING_PAGE.read_text(encoding="utf-8")
+    training = re.search(r"^# Training\n(.*)", text, re.M | re.S).group(1)
     posix = re.search(r"^python -m minina train --kind hybrid --score-options .*?\\\n.*?$", training, re.M)
     argv = shlex.split(posix.group(0).replace("\\\n", " "))[4:]  # after "python -m minina train"
     assert train_flags.config_from_args(parse_train(argv)).score_options == RELIABLE_SCORE_OPTIONS
