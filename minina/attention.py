@@ -63,7 +63,6 @@ def sdpa_attention(q, k, v, attn_mask=None, *, is_causal=False, scale=None):
     return out.masked_fill(~has_key, 0.0)
 
 
-
 def neural_attention(q, k, v, score, attn_mask=None, *, is_causal=False, backend="auto"):
     """softmax(s(q_i, k_j) + mask) v with s a NeuralScore (DiGiugno & Mahmood 2025, Eq. 3-5).
 
@@ -100,7 +99,7 @@ def choose_backend(backend, q, v, score, attn_mask=None):
     on a CUDA device and they take these inputs (minina.triton_kernels.supports), and "chunked" everywhere else.
 
     "auto" never picks "compiled": its first call per configuration compiles for tens of seconds, more than it
-    saves in the calls of a notebook-sized run (README, Performance, measures both); choose it by name for long
+    saves in the calls of a notebook-sized run (docs/performance.md measures both); choose it by name for long
     CPU runs. The answer depends on the arguments and the machine only.
     """
     check_backend(backend)

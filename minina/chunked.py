@@ -13,9 +13,10 @@ C++ loops on a CPU): each tile's inputs are cut into fresh contiguous tensors of
 padded (the tile masks padding by position), so one configuration (batch dims, score MLP, dtype, mask kind,
 blocks) compiles once and then serves every L and S. Every NeuralScore option runs in both; float16/bfloat16
 inputs run with float32 tiles and accumulators.
-Caution: the first "compiled" call of a configuration compiles, which takes seconds to a minute (README,
-Performance), and torch.compile keeps at most torch._dynamo.config.recompile_limit configurations per process
-(more run eagerly, with torch's warning). Differentiating twice (create_graph=True) raises.
+Caution: the first "compiled" call of a configuration compiles, which takes seconds to a minute
+(docs/performance.md); torch.compile keeps at most torch._dynamo.config.recompile_limit configurations per process
+(more run eagerly, with torch's warning); a compile that waits on a file lock gives up after
+TORCHINDUCTOR_FILE_LOCK_TIMEOUT seconds and raises CompileError. Differentiating twice (create_graph=True) raises.
 """
 import math
 

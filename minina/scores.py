@@ -7,7 +7,7 @@ import torch.nn as nn
 from .activations import ACTIVATIONS
 
 # The options `python -m minina study-learnability` recommends: NeuralScore(head_dim, **RELIABLE_SCORE_OPTIONS).
-# The measurements behind the choice are in README "Training reliably", where the study re-measures them.
+# The measurements behind the choice are in docs/learnability.md, "Training reliably", where the study re-measures them.
 RELIABLE_SCORE_OPTIONS = {"hidden": "wide", "activation": "gelu"}
 
 
@@ -23,7 +23,7 @@ class NeuralScore(nn.Module):
     paper's, or "gelu") between layers; the paper's hidden widths are (P, P // 2), each at least 1
     (hidden="paper", the default); hidden="wide" is (P, P). No 1/sqrt(d) scaling is applied. The defaults
     reproduce the paper; RELIABLE_SCORE_OPTIONS are the options `python -m minina study-learnability` recommends
-    (README "Training reliably").
+    (docs/learnability.md, "Training reliably").
 
     residual=True adds the scaled dot product, s = MLP(...) + q_i . k_j / sqrt(head_dim), and zeroes the MLP's
     last layer, so training starts from dot-product attention (one extra dot product per pair; every backend

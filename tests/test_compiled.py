@@ -227,7 +227,7 @@ def big(*shape):
 
 def test_auto_on_cpu_never_compiles_and_depends_on_the_arguments_only(monkeypatch):
     """"auto" is chunked for every CPU call, large or small: a cold compile costs more than it saves at notebook
-    sizes (README, Performance), and no environment variable (MININA_COMPILE once was one) or earlier call changes
+    sizes (docs/performance.md), and no environment variable (MININA_COMPILE once was one) or earlier call changes
     the answer."""
     score = NeuralScore(32)
     large, small = big(32, 2, 64, 32), big(8, 2, 32, 32)  # 262,144 pairs (notebook 06's model) and 16,384

@@ -1,4 +1,4 @@
-"""The score options the learnability study measured and did not recommend (README "Training reliably").
+"""The score options the learnability study measured and did not recommend (docs/learnability.md).
 
 They live here, with the study, so that minina.NeuralScore keeps only the options a user is told to use, while
 every candidate the study reports can still be run again. CandidateScore with NeuralScore's options alone is

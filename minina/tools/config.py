@@ -60,8 +60,8 @@ class TrainConfig:
 # neural-attention-research): nlp_neural_attention/TransformerAD_WK103_Main.py and its Models/ for the LM,
 # vision_standard_attention/VisionTransformerAD_MAIN.py (the only vision main script released) and
 # vision_neural_attention/Models/ for the ViT. The paper wins where it speaks; the script fills in where it is
-# silent. What this loop does differently for every run (schedule, pre-LN, tokenizer, ...) is listed in the
-# README's Training section.
+# silent. What this loop does differently for every run (schedule, pre-LN, tokenizer, ...) is listed on the
+# course site's Training page (docs/training.md).
 PAPER_CONFIGS = {
     "paper-lm": TrainConfig(
         task="lm",

@@ -24,7 +24,7 @@ from .probes import TASKS, train_probe
 
 HELP = "success rate over seeds of score training options on probe tasks (CSV, table, plot)"
 
-# The protocol, written down before any held-out result existed (README "Training reliably", Protocol).
+# The protocol, written down before any held-out result existed (docs/learnability.md, Protocol).
 # Options are chosen on PROBES only. HELD_OUT is a second family of non-affine attention patterns of other shapes
 # and sizes, reported apart and never tuned on. Both map task -> number of keys; every run is one AttentionProbe,
 # Adam 3e-3, batch 256, head_dim 16, d' = 8, 1,500 steps. Per task, with the dot-product runs on the same seeds:
@@ -52,8 +52,8 @@ CANDIDATES = {
     "residual+wide+gelu": {"residual": True, "hidden": "wide", "activation": "gelu"},
     "residual+mlp-init": {"residual": True, "zero_last": False},
 }
-# what the command runs by default: the baselines, today's recommendation "wide+gelu" (README "Training
-# reliably") and the residual candidates; the others (kaiming, gelu, leaky, bias, wide, scale) run with --candidates
+# what the command runs by default: the baselines, today's recommendation "wide+gelu" (docs/learnability.md)
+# and the residual candidates; the others (kaiming, gelu, leaky, bias, wide, scale) run with --candidates
 DEFAULT_CANDIDATES = ("dot", "paper", "wide+gelu", "residual", "residual+wide+gelu", "residual+mlp-init")
 CURVE_EVERY = 50  # training-loss curve resolution (steps) kept in the CSV
 FIELDS = ["task", "candidate", "seed", "steps", "num_keys", "proj_dim", "test_mse", "seconds", "curve"]
@@ -377,7 +377,7 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=1500, help="Adam steps per run (default 1500)")
     parser.add_argument("--held-out", action="store_true",
                         help=f"run the held-out family ({' '.join(HELD_OUT)}) instead of the probes; it is "
-                             "reported apart and never tuned on (README 'Training reliably', Protocol)")
+                             "reported apart and never tuned on (docs/learnability.md, Protocol)")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS),
                         help=f"tasks to run instead of a family (default the probes: {' '.join(PROBES)})")
     parser.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES), choices=list(CANDIDATES),
