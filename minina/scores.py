@@ -7,8 +7,12 @@ import torch.nn as nn
 from .activations import ACTIVATIONS
 
 # The options `python -m minina study-learnability` recommends: NeuralScore(head_dim, **RELIABLE_SCORE_OPTIONS).
-# The measurements behind the choice are in docs/learnability.md, "Training reliably", where the study re-measures them.
+# The measurements behind the choice are in docs/learnability.md, where the study re-measures them.
 RELIABLE_SCORE_OPTIONS = {"hidden": "wide", "activation": "gelu"}
+# The options it measured and rejected, which NeuralScore does not take (minina.tools.candidates.CandidateScore
+# does, for the study's probes): named here so that a training run can say why it refuses one without importing
+# the study.
+REJECTED_SCORE_OPTIONS = ("init", "learn_scale", "scale_init", "bias_init", "zero_last")  # and activation="leaky_relu"
 
 
 def default_proj_dim(head_dim):

@@ -9,7 +9,8 @@ import minina
 from minina import NeuralScore, neural_attention
 from minina.attention import BACKENDS
 from minina.chunked import chunked_neural_attention
-from minina.tools.candidates import REJECTED_OPTIONS, CandidateScore
+from minina.scores import REJECTED_SCORE_OPTIONS
+from minina.tools.candidates import CandidateScore
 from minina.tools.study import CANDIDATES
 from test_chunked import assert_same, make_mask, random_inputs
 from test_scores import (assert_matches_float64_reference, assert_split_matches_logits_and_gradients,
@@ -152,7 +153,7 @@ def test_bad_options(kwargs, error, match):
 
 
 def test_rejected_options_are_not_neural_score_options():
-    for name in REJECTED_OPTIONS:
+    for name in REJECTED_SCORE_OPTIONS:
         with pytest.raises(TypeError, match=name):
             NeuralScore(64, **{name: None})
     with pytest.raises(ValueError, match="activation must be one of"):

@@ -3,6 +3,7 @@ gradient accumulation, precision choice, torch.compile, no per-step waits, DDP u
 import argparse
 import csv
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import minina.scores
 import minina.tools.train_flags as flags_module
 import minina.tools.train as train_module
 import minina.tools.train_tasks as tasks_module
@@ -529,6 +531,8 @@ def test_a_config_mistake_is_a_config_error_and_a_value_error(tmp_path):
 
 
 def test_train_names_the_studys_rejected_options_without_importing_the_study():
-    """The hint for an option only the study's probes take: train keeps its own copy of the names, held equal to
-    the study's here, so that the run's check never imports the study."""
-    assert train_module.REJECTED_OPTIONS == candidates.REJECTED_OPTIONS
+    """The hint for an option only the study's probes take: train reads the names from minina.scores, one list that
+    the study's CandidateScore takes, so that the run's check never imports the study."""
+    assert train_module.REJECTED_SCORE_OPTIONS == minina.scores.REJECTED_SCORE_OPTIONS
+    assert set(minina.scores.REJECTED_SCORE_OPTIONS) <= set(inspect.signature(candidates.CandidateScore).parameters)
+    assert not set(minina.scores.REJECTED_SCORE_OPTIONS) & set(inspect.signature(minina.NeuralScore).parameters)

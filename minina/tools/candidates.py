@@ -13,7 +13,6 @@ from ..activations import ACTIVATIONS
 from ..scores import NeuralScore
 
 INITS = ("paper", "kaiming")
-REJECTED_OPTIONS = ("init", "learn_scale", "scale_init", "bias_init", "zero_last")  # and activation="leaky_relu"
 
 
 class ScaledMLP(nn.Sequential):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..attention import check_backend
 from ..models import MODEL_KINDS
-from ..scores import RELIABLE_SCORE_OPTIONS, NeuralScore
+from ..scores import REJECTED_SCORE_OPTIONS, RELIABLE_SCORE_OPTIONS, NeuralScore
 from .checkpoint import append_metrics, load_checkpoint, save_checkpoint, start_metrics, write_config
 from .config import DTYPES, TrainConfig
 from .train_flags import add_config_flags, config_from_args
@@ -106,11 +106,6 @@ def _check_values(config):
                              f"got {config.device!r}") from None
 
 
-# The options the learnability study measured and rejected, a copy of minina.tools.candidates.REJECTED_OPTIONS (a
-# test holds them equal): a run refuses them with a hint, and never imports the study for it.
-REJECTED_OPTIONS = ("init", "learn_scale", "scale_init", "bias_init", "zero_last")  # and activation="leaky_relu"
-
-
 def _check_score_options(config):
     """score_options must be keyword arguments NeuralScore takes, with values it accepts."""
     options = config.score_options
@@ -118,7 +113,7 @@ def _check_score_options(config):
         return
     if not isinstance(options, dict):
         raise ValueError(f"score_options must be a dict or None, got {type(options).__name__}")
-    rejected = [name for name in options if name in REJECTED_OPTIONS]
+    rejected = [name for name in options if name in REJECTED_SCORE_OPTIONS]
     rejected += ["activation='leaky_relu'"] if options.get("activation") == "leaky_relu" else []
     hint = (f"; {', '.join(rejected)}: rejected by the learnability study, only its probes take "
             f"{'it' if len(rejected) == 1 else 'them'} (minina.tools.candidates)" if rejected else "")

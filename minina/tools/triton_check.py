@@ -15,7 +15,8 @@ import torch
 
 from ..attention import neural_attention
 from ..scores import NeuralScore
-from .candidates import REJECTED_OPTIONS, CandidateScore
+from ..scores import REJECTED_SCORE_OPTIONS
+from .candidates import CandidateScore
 
 NAMES = ["out", "dq", "dk", "dv"]
 
@@ -29,7 +30,7 @@ def _expect(condition, message):
 def lively_score(head_dim, device="cpu", **options):
     """A NeuralScore with wide random parameters, so that ReLU units are alive and every gradient is non-zero; a
     CandidateScore when options name one the study rejected (learn_scale: the scale the kernels see folded)."""
-    score = (CandidateScore if set(options) & set(REJECTED_OPTIONS) else NeuralScore)(head_dim, **options)
+    score = (CandidateScore if set(options) & set(REJECTED_SCORE_OPTIONS) else NeuralScore)(head_dim, **options)
     with torch.no_grad():
         for layer in [score.q_proj, score.k_proj, *score.linears()]:
             layer.weight.normal_(0.0, 1.5 / layer.in_features ** 0.5)
